@@ -1,0 +1,91 @@
+"""One checkpoint format for every task, written atomically and read with weights_only=True.
+
+Contents: model, optimizer, scheduler, scaler, epoch (completed epochs), step (optimizer steps),
+best metric, RNG states, the run's config, plus whatever small plain-typed extras a task adds.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from common.io import UserError, atomic_torch_save, load_untrusted
+from common.repro import get_rng_state
+
+FORMAT_VERSION = 1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def plain_config(cfg) -> dict:
+    """argparse.Namespace / dict -> dict of str/int/float/bool/None/lists (safe to unpickle)."""
+    if not isinstance(cfg, dict):
+        cfg = vars(cfg)
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (int, float, bool, str, type(None))) else str(x) for x in v]
+        elif isinstance(v, (int, float, bool, str, type(None))):
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, *, model, optimizer=None, scheduler=None, scaler=None,
+                    epoch: int = 0, step: int = 0, best_metric: float | None = None,
+                    config=None, extra: dict | None = None) -> Path:
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_metric": None if best_metric is None or math.isnan(best_metric) else float(best_metric),
+        "rng": get_rng_state(),
+        "config": plain_config(config or {}),
+        "extra": extra or {},
+    }
+    atomic_torch_save(state, path)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    ckpt = load_untrusted(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "format_version" not in ckpt:
+        raise UserError(f"{path}: not a training checkpoint of this project "
+                        f"(converted weights go to --init / --weights, not --resume)")
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, path, *, model, optimizer=None, scheduler=None,
+                           scaler=None) -> None:
+    """Load model/optimizer/scheduler/scaler states; a model mismatch is a UserError."""
+    target = unwrap(model)
+    try:
+        target.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: checkpoint is for a different model ({first})") from None
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not match this run ({e})") from None
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])

@@ -1,0 +1,95 @@
+"""Device selection and mixed-precision settings shared by every task."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+
+from common.io import UserError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps", "directml")
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+
+
+def _directml_device():
+    if importlib.util.find_spec("torch_directml") is None:
+        return None
+    try:
+        import torch_directml
+        return torch_directml.device() if torch_directml.is_available() else None
+    except Exception:  # a broken driver install must not stop CPU users
+        return None
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def select_device(name: str = "auto", verbose: bool = True) -> torch.device:
+    """`auto` picks CUDA, then DirectML, then MPS, then CPU. An unavailable explicit choice is an error."""
+    name = (name or "auto").lower()
+    kind = name.split(":")[0]
+    if kind not in DEVICE_CHOICES:
+        raise UserError(f"--device {name}: unknown device (choose from {', '.join(DEVICE_CHOICES)})")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+        elif (dml := _directml_device()) is not None:
+            dev = dml
+        elif _mps_available():
+            dev = torch.device("mps")
+        else:
+            dev = torch.device("cpu")
+    elif kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif kind == "directml":
+        dev = _directml_device()
+        if dev is None:
+            raise UserError("--device directml: torch_directml is not installed or finds no adapter "
+                            "(pip install torch-directml, Windows only)")
+    elif kind == "mps":
+        if not _mps_available():
+            raise UserError("--device mps: Apple MPS is not available on this machine")
+        dev = torch.device("mps")
+    else:
+        dev = torch.device("cpu")
+    if verbose:
+        extra = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
+        extra += f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
+        print(f"device: {dev}{extra}")
+    return dev
+
+
+def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `--amp`, or None for full fp32.
+
+    auto: fp16 on CUDA (with a GradScaler), off elsewhere. CPU supports bf16 on request only.
+    """
+    amp = (amp or "auto").lower()
+    if amp not in AMP_CHOICES:
+        raise UserError(f"--amp {amp}: choose from {', '.join(AMP_CHOICES)}")
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise UserError("--amp bf16: this GPU does not support bfloat16")
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16")
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "auto":
+        return None
+    raise UserError(f"--amp {amp}: mixed precision is not supported on {device.type}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,274 @@
+"""The one training loop every task uses.
+
+A task supplies the model, optimizer, loader and two functions:
+  loss_fn(model, batch) -> loss, or (loss, {name: float})   for one training micro-batch
+  evaluate(model) -> {metric: float}                        run once per epoch, in eval mode
+The loop adds AMP, gradient accumulation and clipping, channels_last, per-step / per-epoch LR
+schedules, tqdm bars, a CSV/TensorBoard/plot log, best/last/periodic checkpoints, early stopping,
+a NaN/inf guard and exact resume.
+
+Exact resume: `last.pt` is written at the end of every epoch with the RNG states; the shuffling
+order and the workers' seeds depend only on (seed, epoch). A run killed at any point and resumed
+from `last.pt` therefore replays the interrupted epoch and ends bit-identical (on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm import tqdm
+
+from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
+from common.data import set_epoch
+from common.device import autocast
+from common.distributed import DistInfo, all_reduce_mean, barrier
+from common.io import UserError
+from common.repro import set_rng_state
+from common.runlog import RunLog
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became NaN/inf; training stopped before the update."""
+
+
+def move_to(batch, device: torch.device, channels_last: bool = False):
+    """Tensors in (nested) tuples/lists/dicts to `device`; 4-D float tensors optionally channels_last."""
+    if isinstance(batch, torch.Tensor):
+        fmt = torch.channels_last if channels_last and batch.dim() == 4 and batch.is_floating_point() \
+            else torch.preserve_format
+        return batch.to(device, non_blocking=True, memory_format=fmt)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device, channels_last) for v in batch)
+    return batch
+
+
+def batch_size_of(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    return 1
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader,
+                 loss_fn: Callable, *, out_dir: str | Path, epochs: int, device: torch.device,
+                 info: DistInfo | None = None, evaluate: Callable | None = None,
+                 scheduler=None, scheduler_interval: str = "epoch",
+                 monitor: str = "val_loss", mode: str = "min", min_delta: float = 0.0,
+                 patience: int | None = None, amp_dtype: torch.dtype | None = None,
+                 accum_steps: int = 1, clip_grad: float | None = None, channels_last: bool = False,
+                 save_every: int = 0, seed: int = 0, config=None,
+                 on_step: Callable | None = None, on_epoch: Callable | None = None,
+                 extra_state: Callable[[], dict] | None = None, progress: bool = True):
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError("scheduler_interval must be 'step' or 'epoch'")
+        if mode not in ("min", "max"):
+            raise ValueError("mode must be 'min' or 'max'")
+        self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
+        self.out_dir, self.epochs, self.device = Path(out_dir), epochs, device
+        self.info = info or DistInfo()
+        self.evaluate, self.scheduler, self.scheduler_interval = evaluate, scheduler, scheduler_interval
+        self.monitor = monitor if evaluate is not None else "train_loss"
+        self.mode, self.min_delta, self.patience = mode if evaluate is not None else "min", min_delta, patience
+        self.amp_dtype, self.accum_steps, self.clip_grad = amp_dtype, max(1, accum_steps), clip_grad
+        self.channels_last, self.save_every, self.seed, self.config = channels_last, save_every, seed, config
+        self.on_step, self.on_epoch, self.extra_state, self.progress = on_step, on_epoch, extra_state, progress
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.epoch = 0          # completed epochs
+        self.step = 0           # optimizer steps
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.log = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def _improved(self, value: float) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def _save(self, path: Path, history: list[dict]) -> None:
+        extra = {"trainer": {"best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                             "monitor": self.monitor, "mode": self.mode, "history": history}}
+        if self.extra_state is not None:
+            extra.update(self.extra_state())
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        scaler=self.scaler, epoch=self.epoch, step=self.step,
+                        best_metric=self.best if math.isfinite(self.best) else None,
+                        config=self.config, extra=extra)
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path)
+        restore_training_state(ckpt, path, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, scaler=self.scaler)
+        state = ckpt["extra"].get("trainer", {})
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        if ckpt["best_metric"] is not None:
+            self.best = ckpt["best_metric"]
+        self.best_epoch = state.get("best_epoch", 0)
+        self.bad_epochs = state.get("bad_epochs", 0)
+        self._history = list(state.get("history", []))
+        set_rng_state(ckpt["rng"])
+        if self.info.is_main:
+            print(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: str | Path | None = None) -> dict:
+        self._history = []
+        if resume:
+            self.resume(resume)
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = RunLog(self.out_dir, self._history)
+        stopped_early = False
+        try:
+            while self.epoch < self.epochs:
+                row = self._run_epoch()
+                if self.info.is_main:
+                    self.log.log_epoch(row)
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in row.items()), flush=True)
+                if self.patience is not None and self.bad_epochs >= self.patience:
+                    if self.info.is_main:
+                        print(f"early stopping: no {self.monitor} improvement in {self.patience} epoch(s)")
+                    stopped_early = True
+                    break
+        finally:
+            if self.log is not None:
+                self.log.close()
+        if self.info.is_main:
+            print(f"best {self.monitor}={self.best:.6g} at epoch {self.best_epoch}; "
+                  f"checkpoints in {self.out_dir} (best.pt, last.pt), log in {self.out_dir / 'log.csv'}")
+        return {"best": self.best, "best_epoch": self.best_epoch, "stopped_early": stopped_early,
+                "history": self.log.history if self.log else [], "out_dir": self.out_dir}
+
+    def _run_epoch(self) -> dict:
+        epoch = self.epoch
+        set_epoch(self.loader, epoch, self.seed)
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_sum, n_batches, n_samples = torch.zeros((), dtype=torch.float64), 0, 0
+        extra_sums: dict[str, float] = {}
+        n_micro = len(self.loader)
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.progress and self.info.is_main))
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            batch = move_to(batch, self.device, self.channels_last)
+            last_micro = (i + 1) % self.accum_steps == 0 or i + 1 == n_micro
+            sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
+            ctx = self.model.no_sync() if sync else contextlib.nullcontext()
+            with ctx:
+                with self.autocast():
+                    out = self.loss_fn(self.model, batch)
+                loss, logs = out if isinstance(out, tuple) else (out, {})
+                self._guard(loss, epoch, i)
+                self.scaler.scale(loss / self.accum_steps).backward()
+            if last_micro:
+                self._optimizer_step(epoch, i)
+            loss_sum += loss.detach().double().cpu()
+            n_batches += 1
+            n_samples += batch_size_of(batch)
+            for k, v in logs.items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
+            if last_micro:
+                if self.on_step is not None:
+                    self.on_step(self, {"epoch": epoch + 1, "step": self.step, "loss": loss.item(), **logs})
+                if bar.disable is False and (self.step % 5 == 0 or i + 1 == n_micro):
+                    rate = n_samples * self.info.world_size / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4g}", lr=f"{self.lr():.3g}",
+                                    img_s=f"{rate:.1f}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": all_reduce_mean(loss_sum / max(1, n_batches), self.info)}
+        row.update({f"train_{k}": all_reduce_mean(v / max(1, n_batches), self.info) for k, v in extra_sums.items()})
+        row["lr"] = self.lr()
+        row["samples_per_s"] = n_samples * self.info.world_size / elapsed
+        if self.evaluate is not None:
+            model = unwrap(self.model)  # no DDP collectives inside evaluation
+            model.eval()
+            with torch.no_grad(), self.autocast():
+                row.update(self.evaluate(model))
+            model.train()
+        value = row.get(self.monitor)
+        if self.evaluate is not None and value is None:
+            raise KeyError(f"evaluate() returned no '{self.monitor}' (got {sorted(row)})")
+        if self.scheduler is not None:
+            if isinstance(self.scheduler, ReduceLROnPlateau):
+                self.scheduler.step(value)
+            elif self.scheduler_interval == "epoch":
+                self.scheduler.step()
+        self.epoch += 1
+        improved = self._improved(value)
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        row["time_s"] = time.perf_counter() - t0
+        if self.on_epoch is not None:
+            self.on_epoch(self, row)
+        if self.info.is_main:
+            history = self.log.history + [row]
+            if improved:
+                self._save(self.best_path, history)
+            if self.save_every and self.epoch % self.save_every == 0:
+                self._save(self.out_dir / f"epoch_{self.epoch:04d}.pt", history)
+            self._save(self.last_path, history)
+        barrier(self.info)
+        return row
+
+    def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+        if self.info.enabled:
+            bad = torch.tensor(all_reduce_mean(bad, self.info))
+        if bad > 0:
+            raise TrainingDiverged(
+                f"loss became {loss.detach().float().item():g} at epoch {epoch + 1}, batch {i + 1}: training stopped "
+                f"before the update; the last good checkpoint is {self.last_path}"
+                + ("" if self.last_path.exists() else " (none written yet)"))
+
+    def _optimizer_step(self, epoch: int, i: int) -> None:
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            if not torch.isfinite(norm) and not self.scaler.is_enabled():
+                raise TrainingDiverged(
+                    f"gradient norm became {float(norm):g} at epoch {epoch + 1}, batch {i + 1}: training "
+                    f"stopped before the update; the last good checkpoint is {self.last_path}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.scheduler is not None and self.scheduler_interval == "step" \
+                and not isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step()
+
