@@ -90,12 +90,15 @@ def load_untrusted(path: str | os.PathLike, safe_globals: Iterable = ()) -> obje
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused to load: the file holds objects other than tensors "
-                        f"and plain data ({first})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+                        f"and plain data ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file fails in many ways in the unpickler
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
