@@ -90,6 +90,30 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class BalancedSampler(Sampler):
+    """Class-balanced sampling with replacement (sample weight 1/count of its class).
+
+    The draw depends only on (seed, epoch, rank), so resumed runs replay it exactly; under
+    torchrun each process draws its own len/world_size samples.
+    """
+
+    def __init__(self, labels: torch.Tensor, seed: int, info: DistInfo):
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        self.weights = 1.0 / torch.bincount(labels).double()[labels]
+        self.num_samples = -(-len(labels) // info.world_size)
+        self.seed, self.rank, self.epoch = seed, info.rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1009 + self.rank)
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+
 def train_loader(dataset: Dataset, batch_size: int, *, seed: int, workers: int, info: DistInfo,
                  drop_last: bool = False, sampler: Sampler | None = None, pin_memory: bool = False) -> DataLoader:
     """Shuffled loader whose order and worker seeds depend only on (seed, epoch).

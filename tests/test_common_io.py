@@ -154,3 +154,19 @@ def test_read_csv_errors(tmp_path):
         D.read_csv(p, ("image_path", "impurity"))
     p.write_text("image_path,impurity\na.png,1\nb.png,0\n")
     assert [(n, r["image_path"]) for n, r in D.read_csv(p, ("image_path", "impurity"))] == [(2, "a.png"), (3, "b.png")]
+
+
+def test_balanced_sampler_balances_and_replays_per_epoch():
+    from common.distributed import DistInfo
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    s = D.BalancedSampler(labels, seed=1, info=DistInfo())
+    s.set_epoch(3)
+    a = list(s)
+    assert len(a) == 100 and list(s) == a          # same epoch, same draw
+    s.set_epoch(4)
+    assert list(s) != a
+    draws = torch.cat([torch.tensor(list(s)) for e in range(20) if s.set_epoch(e) is None])
+    share_minority = (labels[draws] == 1).float().mean()
+    assert 0.45 < float(share_minority) < 0.55   # 10% of the data, half of the draws
+    half = D.BalancedSampler(labels, seed=1, info=DistInfo(rank=1, world_size=2))
+    assert len(half) == 50
