@@ -1,0 +1,148 @@
+"""Train a CRBL crop or full model.
+
+  python crbl/train.py --model-type crop                       # built-in demo data
+  python crbl/train.py --model-type full --data DIR --init converted_full.pth
+  python crbl/train.py --model-type crop --data DIR --backbone-weights imagenet.pth noisy_student.pth
+
+DIR holds train.csv and val.csv (`image_path,impurity`, paths relative to the CSV).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.cli import add_common_args, setup_run
+from common.data import ensure_builtin, eval_loader, train_loader
+from common.distributed import all_gather_cat, cleanup, wrap_model
+from common.io import UserError, load_weights_into, run_cli
+from common.metrics import classification_report, roc_auc
+from common.trainer import Trainer
+from crbl.data import BUILTIN_VERSION, CRBLDataset, make_builtin_dataset, read_labels
+from crbl.model import DEFAULT_THRESHOLDS, MODEL_TYPES, build_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-type", required=True, choices=MODEL_TYPES,
+                   help="crop: layers[150:] of both backbones + head train; full: head only")
+    add_common_args(p, epochs=30, batch_size=32, lr=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--init", type=Path, help="converted whole-CRBL weights (scripts/convert_h5.py)")
+    p.add_argument("--backbone-weights", type=Path, nargs=2, metavar=("IMAGENET", "NOISY_STUDENT"),
+                   help="two converted single-backbone notop files")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="Keras-style: y*(1-e) + e/2")
+    p.add_argument("--class-weights", default="balanced",
+                   help="'balanced' (n / (2 n_c)), 'none', or 'w0,w1'")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold for the metrics (default 0.01 crop / 0.5 full)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping on val_loss")
+    p.add_argument("--plateau-patience", type=int, default=2, help="ReduceLROnPlateau(0.5) patience")
+    return p.parse_args(argv)
+
+
+def class_weights(spec: str, labels: torch.Tensor) -> torch.Tensor:
+    if spec == "none":
+        return torch.ones(2)
+    if spec == "balanced":
+        counts = torch.bincount(labels.long(), minlength=2).float()
+        if (counts == 0).any():
+            raise UserError("--class-weights balanced: the training set has only one class")
+        return counts.sum() / (2 * counts)
+    try:
+        w = torch.tensor([float(v) for v in spec.split(",")])
+    except ValueError:
+        w = torch.tensor([])
+    if w.numel() != 2 or not (w > 0).all():
+        raise UserError(f"--class-weights {spec!r}: expected 'balanced', 'none' or two positive numbers 'w0,w1'")
+    return w
+
+
+def bce_loss(logits, targets, weights, smoothing: float):
+    smoothed = targets * (1 - smoothing) + 0.5 * smoothing
+    per_sample = F.binary_cross_entropy_with_logits(logits.float(), smoothed, reduction="none")
+    return (per_sample * weights[targets.long()]).mean()
+
+
+def load_init_weights(model, args) -> None:
+    if args.init and args.backbone_weights:
+        raise UserError("--init and --backbone-weights are alternatives; give one")
+    if args.init:
+        load_weights_into(model, args.init)
+        print(f"initialised from {args.init}")
+    elif args.backbone_weights:
+        for backbone, path in zip((model.backbone1, model.backbone2), args.backbone_weights):
+            load_weights_into(backbone, path)
+        print(f"backbones initialised from {args.backbone_weights[0]} and {args.backbone_weights[1]}")
+    else:
+        print("note: backbones start from random weights (give --init or --backbone-weights for real use)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
+    run = setup_run(args, "crbl", args.model_type)
+    data_dir = args.data or ensure_builtin("crbl", BUILTIN_VERSION, make_builtin_dataset)
+    train_csv, val_csv = Path(data_dir) / "train.csv", Path(data_dir) / "val.csv"
+    train_set = CRBLDataset(read_labels(train_csv), args.model_type, augment=True)
+    val_set = CRBLDataset(read_labels(val_csv), args.model_type)
+    if run.info.is_main:
+        print(f"data: {len(train_set)} train / {len(val_set)} val images from {data_dir} "
+              f"({int(train_set.labels.sum())} / {int(val_set.labels.sum())} with impurity)")
+
+    model = build_model(args.model_type)
+    load_init_weights(model, args)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if run.info.is_main:
+        print(f"model: CRBL {args.model_type}, {n_train:,} trainable parameters")
+    model = wrap_model(model.to(run.device), run.device, run.info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=args.plateau_patience)
+    weights = class_weights(args.class_weights, train_set.labels).to(run.device)
+    threshold = DEFAULT_THRESHOLDS[args.model_type] if args.threshold is None else args.threshold
+    loader = train_loader(train_set, args.batch_size, seed=args.seed, workers=args.workers, info=run.info)
+    val_loader = eval_loader(val_set, args.batch_size, workers=args.workers, info=run.info)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return bce_loss(m(x).squeeze(1), y, weights, args.label_smoothing)
+
+    def evaluate(m):
+        logits, labels = [], []
+        for x, y in val_loader:
+            logits.append(m(x.to(run.device, non_blocking=True)).squeeze(1).float().cpu())
+            labels.append(y)
+        logits = all_gather_cat(torch.cat(logits), run.info)
+        y = all_gather_cat(torch.cat(labels), run.info)
+        prob = torch.sigmoid(logits)
+        report = classification_report(y.long(), (prob > threshold).long(), 2)
+        return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)),
+                "val_acc": report["accuracy"], "val_f1": float(report["per_class"]["f1"][1]),
+                "val_auc": roc_auc(y, prob)}
+
+    trainer = Trainer(model, opt, loader, loss_fn, out_dir=run.out_dir, epochs=args.epochs, device=run.device,
+                      info=run.info, evaluate=evaluate, scheduler=sched, monitor="val_loss", mode="min",
+                      patience=args.patience, amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,
+                      clip_grad=args.clip_grad, channels_last=args.channels_last, save_every=args.save_every,
+                      seed=args.seed, config={**vars(args), "threshold": threshold},
+                      progress=not args.no_progress)
+    result = trainer.fit(resume=args.resume)
+    if run.info.is_main:
+        best = result["history"][result["best_epoch"] - 1] if result["best_epoch"] else {}
+        if best:
+            print(f"best epoch {result['best_epoch']}: val_loss={best['val_loss']:.4f} "
+                  f"acc={best['val_acc']:.3f} f1={best['val_f1']:.3f} auc={best['val_auc']:.3f} "
+                  f"(threshold {threshold})")
+        print(f"weights: {run.out_dir / 'best.pt'}  ->  python crbl/infer.py --model-type {args.model_type} "
+              f"--weights {run.out_dir / 'best.pt'} IMAGES...")
+    cleanup(run.info)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,176 @@
+"""CRBL preprocessing, training and inference scripts, run as a user runs them."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from common.io import UserError
+from crbl.data import (CROP_MAX_BOTTOM, _part_image, crop_box, largest_region_bbox, preprocess_full,
+                       read_labels)
+from crbl.model import CRBL, EfficientNetB0, build_model
+
+
+# ---------------------------------------------------------------- preprocessing
+def test_largest_region_matches_scipy_8_connectivity():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(200):
+        mask = rng.random((rng.integers(1, 50), rng.integers(1, 50))) < rng.uniform(0.2, 0.7)
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        if n == 0:
+            assert largest_region_bbox(mask) is None
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        if (sizes == sizes.max()).sum() > 1:
+            continue  # a tie: either region is a right answer
+        ys, xs = np.nonzero(labels == np.argmax(sizes) + 1)
+        expected = (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert largest_region_bbox(mask) == tuple(int(v) for v in expected)
+        checked += 1
+    assert checked > 150
+    diagonal = np.eye(6, dtype=bool)  # touching only at corners is still one region
+    assert largest_region_bbox(diagonal) == (0, 0, 6, 6)
+
+
+def test_crop_box_trims_and_clips_like_the_original():
+    img = np.full((120, 120, 3), 240, np.uint8)
+    img[10:40, 20:70] = 100                   # the part: y=10, h=30, x=20, w=50
+    img[60:62, 90:92] = 10                    # a smaller dark speck is ignored
+    assert crop_box(img) == (11, 39, 21, 69)  # [y+1 : y+h-1, x+1 : x+w-1]
+    tall = np.full((120, 120, 3), 240, np.uint8)
+    tall[50:110, 20:70] = 100                 # bottom past row 89 is clipped: h = 89 - y
+    assert crop_box(tall) == (51, CROP_MAX_BOTTOM - 1, 21, 69)
+    assert crop_box(np.full((50, 50, 3), 255, np.uint8)) is None
+
+
+def test_full_path_drops_the_first_four_rows_and_columns():
+    img = np.zeros((132, 132, 3), np.uint8)
+    img[:, :, 2] = 200
+    img[:4, :, 0] = img[:, :4, 0] = 255       # a red border the full path must drop
+    out = preprocess_full(img)
+    assert out.shape == (128, 128, 3) and out.dtype == np.float32
+    assert out[..., 0].max() == 0 and np.allclose(out[..., 2], 200 / 255, atol=1e-6)
+
+
+def test_label_file_errors_name_file_and_line(tmp_path):
+    Image.fromarray(_part_image(np.random.default_rng(0), False)).save(tmp_path / "a.png")
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("image_path,impurity\na.png,0\na.png,2\n")
+    with pytest.raises(UserError, match=r"train.csv, line 3: impurity must be 0 or 1"):
+        read_labels(csv_path)
+    csv_path.write_text("image_path,impurity\na.png,1\nmissing.png,0\n")
+    with pytest.raises(UserError, match=r"train.csv, line 3: image not found"):
+        read_labels(csv_path)
+
+
+# ---------------------------------------------------------------- train / infer scripts
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """4+4 training and 2+2 validation parts in the real CSV + PNG format."""
+    root = tmp_path_factory.mktemp("crbl_data")
+    from crbl.data import make_builtin_dataset
+    make_builtin_dataset(root, n_train=8, n_val=4, seed=3)
+    return root
+
+
+def run_train(run_script, data, out, model_type, *extra):
+    return run_script("crbl/train.py", "--model-type", model_type, "--data", data, "--out", out, "--epochs", 1,
+                      "--batch-size", 4, "--workers", 0, "--no-progress", *extra)
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
+    for model_type in ("crop", "full"):
+        res = run_train(run_script, tiny_data, tmp_path / model_type, model_type)
+        assert res.returncode == 0, res.stderr[-2000:]
+        log = rows(tmp_path / model_type / "log.csv")
+        assert len(log) == 1 and {"val_loss", "val_f1", "val_auc", "val_acc"} <= set(log[0])
+        ckpt = torch.load(tmp_path / model_type / "best.pt", weights_only=True)
+        assert ckpt["config"]["model_type"] == model_type
+        assert ckpt["config"]["threshold"] == {"crop": 0.01, "full": 0.5}[model_type]
+
+    out = tmp_path / "preds.csv"
+    res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "full" / "best.pt",
+                     tiny_data / "val.csv", "--out", out, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"predictions written to {out}" in res.stdout and "labels found: accuracy=" in res.stdout
+    preds = rows(out)
+    assert len(preds) == 4
+    for r in preds:
+        p = float(r["probability"])
+        assert 0.0 <= p <= 1.0 and r["decision"] == ("defect" if p > 0.5 else "normal")
+    # same weights through the API give the same probabilities
+    model = CRBL()
+    model.load_state_dict(torch.load(tmp_path / "full" / "best.pt", weights_only=True)["model"])
+    from crbl.data import preprocess
+    with torch.inference_mode():
+        x = torch.stack([preprocess(Path(r["path"]), "full") for r in preds])
+        expected = torch.sigmoid(model.eval()(x)).squeeze(1)
+    np.testing.assert_allclose([float(r["probability"]) for r in preds], expected.numpy(), rtol=1e-4, atol=1e-6)
+
+    combined = tmp_path / "combined.csv"
+    res = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
+                     tiny_data / "images", "--out", combined, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for r in rows(combined):
+        flagged = float(r["prob_crop"]) > 0.01 or float(r["prob_full"]) > 0.5
+        assert r["decision"] == ("defect" if flagged else "normal")
+    again = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
+                       tiny_data / "images", "--out", combined, "--device", "cpu")
+    assert again.returncode != 0 and "already exists" in again.stderr  # never overwritten silently
+
+
+def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(run_script, tiny_data, tmp_path):
+    torch.manual_seed(7)
+    init = build_model("crop").state_dict()
+    torch.save(init, tmp_path / "init.pth")
+    res = run_train(run_script, tiny_data, tmp_path / "run", "crop", "--init", tmp_path / "init.pth")
+    assert res.returncode == 0, res.stderr[-2000:]
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    # Keras layers[:150] are frozen, including BatchNorm statistics; layers[150:] trained
+    assert torch.equal(trained["backbone1.stem_conv.weight"], init["backbone1.stem_conv.weight"])
+    assert torch.equal(trained["backbone2.block3a.bn.running_var"], init["backbone2.block3a.bn.running_var"])
+    assert not torch.equal(trained["backbone1.top_conv.weight"], init["backbone1.top_conv.weight"])
+    assert not torch.equal(trained["predictions.weight"], init["predictions.weight"])
+
+    torch.manual_seed(8)
+    b1, b2 = EfficientNetB0().state_dict(), EfficientNetB0().state_dict()
+    torch.save(b1, tmp_path / "imagenet.pth")
+    torch.save(b2, tmp_path / "noisy.pth")
+    res = run_train(run_script, tiny_data, tmp_path / "run2", "full", "--backbone-weights",
+                    tmp_path / "imagenet.pth", tmp_path / "noisy.pth")
+    assert res.returncode == 0, res.stderr[-2000:]
+    trained = torch.load(tmp_path / "run2" / "last.pt", weights_only=True)["model"]
+    for k in b1:  # the full model never changes its backbones
+        assert torch.equal(trained[f"backbone1.{k}"], b1[k]) and torch.equal(trained[f"backbone2.{k}"], b2[k])
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path):
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    res = run_train(run_script, tiny_data, tmp_path / "r1", "crop", "--init", tmp_path / "other.pth")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "other.pth: weights do not fit CRBL" in res.stderr
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text("image_path,impurity\nnope.png,1\n")
+    (bad / "val.csv").write_text("image_path,impurity\nnope.png,1\n")
+    res = run_train(run_script, bad, tmp_path / "r2", "full")
+    assert res.returncode == 2 and "train.csv, line 2: image not found" in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    torch.save(CRBL().state_dict(), tmp_path / "crbl.pth")
+    res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "crbl.pth",
+                     bad / "broken.png", "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "broken.png: unreadable or corrupt image" in res.stderr
+    assert not (tmp_path / "p.csv").exists()
