@@ -14,15 +14,18 @@ from common.io import UserError
 from common.repro import seed_everything
 
 
-def add_common_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
-                    workers: int = 2) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, epochs: int | None, batch_size: int | None,
+                    lr: float | None, workers: int = 2, clip_grad: float | None = None) -> None:
+    """The shared flags. A default of None means the task picks one per model after parsing."""
+    per_model = "default: depends on the model"
     g = p.add_argument_group("common options")
     g.add_argument("--data", type=Path, default=None,
                    help="dataset location (default: generate and use the built-in demo dataset)")
     g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<task>/<name>-<time>)")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--epochs", type=int, default=epochs, help=per_model if epochs is None else None)
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="per process" + (f"; {per_model}" if batch_size is None else ""))
+    g.add_argument("--lr", type=float, default=lr, help=per_model if lr is None else None)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps | directml")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision: auto = fp16 on CUDA, off on CPU; bf16 works on both")
@@ -30,7 +33,8 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int,
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--workers", type=int, default=workers, help="DataLoader worker processes")
     g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches")
-    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off by default)")
+    g.add_argument("--clip-grad", type=float, default=clip_grad,
+                   help=f"max gradient norm ({'off' if not clip_grad else clip_grad} by default; 0 = off)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     g.add_argument("--save-every", type=int, default=0, help="also keep epoch_NNNN.pt every N epochs")

@@ -24,11 +24,21 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def user_message(e: UserError) -> str:
+    """The one-line message; a UserError raised in a DataLoader worker arrives wrapped with the
+    worker's traceback ("Caught UserError in DataLoader worker ... Original Traceback ...")."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        return last.split("UserError: ", 1)[-1]
+    return text
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -32,6 +32,12 @@ from common.repro import set_rng_state
 from common.runlog import RunLog
 
 
+def run_finished(ckpt: dict, epochs: int, patience: int | None) -> bool:
+    """Whether a checkpoint's run already did all `epochs` or stopped early."""
+    bad = ckpt.get("extra", {}).get("trainer", {}).get("bad_epochs", 0)
+    return ckpt["epoch"] >= epochs or (patience is not None and bad >= patience)
+
+
 class TrainingDiverged(UserError):
     """The loss or the gradients became NaN/inf; training stopped before the update."""
 
@@ -148,18 +154,16 @@ class Trainer:
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, self._history)
-        stopped_early = False
         try:
-            while self.epoch < self.epochs:
+            while not self._stop_early() and self.epoch < self.epochs:
                 row = self._run_epoch()
                 if self.info.is_main:
                     self.log.log_epoch(row)
                     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()), flush=True)
-                if self.patience is not None and self.bad_epochs >= self.patience:
+                if self._stop_early():
                     if self.info.is_main:
                         print(f"early stopping: no {self.monitor} improvement in {self.patience} epoch(s)")
-                    stopped_early = True
                     break
         finally:
             if self.log is not None:
@@ -167,8 +171,11 @@ class Trainer:
         if self.info.is_main:
             print(f"best {self.monitor}={self.best:.6g} at epoch {self.best_epoch}; "
                   f"checkpoints in {self.out_dir} (best.pt, last.pt), log in {self.out_dir / 'log.csv'}")
-        return {"best": self.best, "best_epoch": self.best_epoch, "stopped_early": stopped_early,
+        return {"best": self.best, "best_epoch": self.best_epoch, "stopped_early": self._stop_early(),
                 "history": self.log.history if self.log else [], "out_dir": self.out_dir}
+
+    def _stop_early(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
 
     def _run_epoch(self) -> dict:
         epoch = self.epoch

@@ -84,6 +84,24 @@ def test_load_weights_into_lists_mismatches(tmp_path):
         load_untrusted(tmp_path / "t.pt")
 
 
+def test_user_error_from_a_dataloader_worker_is_one_line():
+    from torch.utils.data import DataLoader, Dataset
+
+    from common.io import user_message
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise UserError(f"img{i}.png: unreadable or corrupt image")
+
+    with pytest.raises(UserError) as e:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)          # how torch re-raises it
+    assert user_message(e.value) == "img0.png: unreadable or corrupt image"
+
+
 # ---------------------------------------------------------------- device
 def test_device_choice(monkeypatch):
     assert dev.select_device("cpu", verbose=False).type == "cpu"

@@ -151,6 +151,12 @@ def test_plateau_scheduler_and_early_stopping_in_process(tmp_path):
     assert result["stopped_early"] and trainer.epoch == 3 and result["best_epoch"] == 1
     assert [r["lr"] for r in result["history"]] == [1.0, 1.0, 0.5]
     assert opt.param_groups[0]["lr"] == 0.25
+    # resuming a run that stopped early trains nothing more
+    again = Trainer(model, opt, _loader(), _ce, out_dir=tmp_path, epochs=10, device=torch.device("cpu"),
+                    evaluate=lambda m: {"val_loss": 1.0}, scheduler=sched, patience=2, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    again.fit(resume=tmp_path / "last.pt")
+    assert again.epoch == 3 and (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
