@@ -353,6 +353,37 @@ class HDCNNLoss(nn.Module):
         return self.coarse_weight * loss_c + self.fine_weight * loss_f
 
 
+class FocalLoss(nn.Module):
+    """The focal loss of the original train.py, with label smoothing folded into the target:
+
+        t   = onehot(y) * (1 - eps) + eps / C
+        p_t = clamp(sum_c softmax_c * t_c, 1e-6, 1 - 1e-6)
+        ce  = -sum_c t_c * log_softmax_c
+        loss = mean_batch( alpha[y] * (1 - p_t)^gamma * ce )
+
+    alpha: per-class weights (C,) or None (all 1). With gamma=0, eps=0 and no alpha this is
+    F.cross_entropy. (train_late_fusion.py's variant, pt = exp(-ce), differs once eps > 0.)
+    """
+
+    def __init__(self, alpha=None, gamma: float = 2.0, label_smoothing: float = 0.0):
+        super().__init__()
+        a = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        self.register_buffer("alpha", a, persistent=False)
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        n = logits.shape[1]
+        t = F.one_hot(target, n).float() * (1.0 - self.label_smoothing) + self.label_smoothing / n
+        log_p = F.log_softmax(logits, 1)
+        p_t = (log_p.exp() * t).sum(1).clamp(1e-6, 1.0 - 1e-6)
+        ce = -(t * log_p).sum(1)
+        loss = (1.0 - p_t).pow(self.gamma) * ce
+        if self.alpha is not None:
+            loss = self.alpha[target] * loss
+        return loss.mean()
+
+
 # ---------------------------------------------------------------- Late fusion
 class LateFusion(FreezableModel):
     """ResNet18 GAP features (512) concatenated with 2 raw metadata floats (battery_type: 0 cell /

@@ -300,7 +300,6 @@ def test_bare_module_prefixed_state_dict(work, capsys):
     assert "epoch n/a, best_pred n/a" in stdout and "kept 398 tensors" in stdout
     converted = torch.load(out, weights_only=True)
     assert list(converted) == list(sd) and all(torch.equal(converted[k], sd[k]) for k in sd)
-    model = build_model("deeplab_seg")
     build_model("deeplab_seg").load_state_dict(converted)  # strict
     src.unlink()
     out.unlink()

@@ -1,0 +1,432 @@
+"""Evaluate a battery CT model on a split, predict images, or segment them.
+
+  python battery_ct/infer.py --weights runs/.../best.pt --split test.txt --out eval/     # metrics
+  python battery_ct/infer.py --weights runs/.../best.pt --data DIR                      # DIR/test.txt
+  python battery_ct/infer.py --weights runs/.../best.pt                                 # built-in test split
+  python battery_ct/infer.py --weights best.pt --images scans/ one.jpg --out preds/     # predictions only
+  python battery_ct/infer.py --weights converted.pth --model resnet18 --image-size 512 --split test.txt
+  python battery_ct/infer.py --weights seg.pth --task segment --crop slide --images scans/ --out masks/
+
+With labels (a split file) it writes metrics.json (accuracy, macro/weighted F1, per-class
+precision/recall/F1/support, confusion matrix, one-vs-rest ROC-AUC, normal-vs-defect summary),
+confusion_matrix.png and predictions.csv (per image: label, prediction, class probabilities);
+with --images only predictions.csv. The model is rebuilt from the checkpoint's config; a plain
+state_dict (a converted file) needs --model (and --image-size, default 512).
+ae checkpoints: the anomaly score is the per-image MSE; an image is a defect when score >= the
+threshold stored in the checkpoint by train.py (Youden's J on val), or --threshold.
+--task segment runs a deeplab_seg state_dict (scripts/convert_deeplab.py --task segment) on
+ImageNet-normalised RGB images at their own size: --crop slide averages the logits of --window px
+windows every --stride px (images smaller than a window are padded with black), --crop whole runs
+the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from battery_ct.data import (BUILTIN_VERSION, IMAGENET_MEAN, IMAGENET_STD, SplitDataset, class_counts,
+                             make_builtin_dataset, read_split)
+from battery_ct.model import CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score, build_model
+from battery_ct.train import TASK, classify, normalization
+from common.data import ensure_builtin
+from common.device import select_device
+from common.io import (UserError, atomic_open, atomic_write_text, image_to_tensor, load_image, load_untrusted,
+                       load_weights_into, run_cli, save_image, state_dict_from)
+from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.uint8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a plain state_dict")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--split", type=Path, help="labelled split file (path<TAB>label)")
+    src.add_argument("--data", type=Path, help="folder with test.txt")
+    src.add_argument("--images", type=Path, nargs="+", help="image files and/or folders (no labels)")
+    p.add_argument("--root", type=Path, help="base folder for relative paths in the split file")
+    p.add_argument("--model", choices=MODEL_NAMES, help="needed for a plain state_dict; checked against a checkpoint")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size for a plain state_dict (default 512); overrides a checkpoint's size")
+    p.add_argument("--threshold", type=float, default=None, help="ae: override the stored anomaly threshold")
+    p.add_argument("--task", choices=("classify", "segment"), default=None,
+                   help="default: segment for deeplab_seg weights, else classify")
+    p.add_argument("--crop", choices=("slide", "whole"), default="slide", help="segmentation: windows or whole image")
+    p.add_argument("--window", type=int, default=640, help="segmentation window size (px)")
+    p.add_argument("--stride", type=int, default=480, help="segmentation window stride (px)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/battery_ct/infer-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model
+def load_model(args) -> tuple[torch.nn.Module, dict, dict]:
+    """(model in eval mode on CPU, config, extra) from a training checkpoint or a plain state_dict."""
+    path = args.weights
+    obj = load_untrusted(path)
+    if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
+        cfg, extra = obj.get("config") or {}, obj.get("extra") or {}
+        name = cfg.get("model")
+        if cfg.get("task") != TASK or name not in MODEL_NAMES:
+            raise UserError(f"{path}: not a battery_ct checkpoint (its config names no battery_ct model)")
+        if args.model is not None and args.model != name:
+            raise UserError(f"{path}: checkpoint holds a {name} model, not --model {args.model}")
+        if args.image_size is not None and args.image_size != cfg.get("image_size"):
+            print(f"note: --image-size {args.image_size} overrides the training size {cfg.get('image_size')}")
+        cfg = {"model": name, "num_classes": int(cfg.get("num_classes", len(CLASS_NAMES))),
+               "image_size": int(args.image_size or cfg.get("image_size", 512)),
+               "normalize": cfg.get("normalize", normalization(name)), "dropout": cfg.get("dropout")}
+        model = build_model(name, num_classes=cfg["num_classes"], dropout=cfg["dropout"])
+        try:
+            model.load_state_dict(obj["model"])
+        except RuntimeError as e:
+            raise UserError(f"{path}: weights do not fit a {name} model ({str(e).strip().splitlines()[0]})") from None
+    else:
+        if args.model is None:
+            raise UserError(f"{path}: a plain state_dict (no training config): give --model NAME")
+        sd = state_dict_from(obj, path)
+        name = args.model
+        n = len(CLASS_NAMES)
+        if name == "deeplab_seg":
+            head = sd.get("decoder.last_conv.8.weight")
+            n = int(head.shape[0]) if head is not None and head.ndim == 4 else 4
+        cfg = {"model": name, "num_classes": n, "image_size": args.image_size or 512,
+               "normalize": normalization(name), "dropout": None}
+        extra = {}
+        model = build_model(name, num_classes=None if name == "ae" else n)
+        load_weights_into(model, path)
+    return model.eval(), cfg, extra
+
+
+# ---------------------------------------------------------------- inputs
+def collect_images(inputs: list[Path]) -> list[Path]:
+    paths = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise UserError(f"{item}: image not found")
+    return paths
+
+
+def resolve_inputs(args) -> tuple[list[tuple[Path, int]], bool, str]:
+    """(items, labelled?, source description)."""
+    if args.images:
+        return [(p, 0) for p in collect_images(args.images)], False, "images"
+    if args.split is not None:
+        split = args.split
+    elif args.data is not None:
+        if not args.data.is_dir():
+            raise UserError(f"--data {args.data}: not a folder (expected test.txt inside)")
+        split = args.data / "test.txt"
+    else:
+        split = ensure_builtin(TASK, BUILTIN_VERSION, make_builtin_dataset) / "test.txt"
+    return read_split(split, args.root), True, str(split)
+
+
+def check_outputs(out: Path, names: list[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if not overwrite:
+        for n in names:
+            if (out / n).exists():
+                raise UserError(f"{out / n} already exists; choose another --out or pass --overwrite")
+
+
+# ---------------------------------------------------------------- classification / anomaly
+@torch.inference_mode()
+def run_classifier(model, cfg, items, device, batch_size, workers):
+    """probs (N,C), preds (N,), coarse probs or None; ae: scores (N,) as probs, preds None."""
+    name = cfg["model"]
+    ds = SplitDataset(items, cfg["image_size"], with_meta=name == "late_fusion", normalize=cfg["normalize"])
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    probs, preds, coarse = [], [], []
+    for x, meta, _ in tqdm(loader, desc=name, leave=False, disable=len(loader) <= 1):
+        x, meta = x.to(device), meta.to(device)
+        if name == "ae":
+            probs.append(anomaly_score(x, model(x)[0]).cpu())
+            continue
+        p, pred, c = classify(model, name, x, meta)
+        probs.append(p.cpu())
+        preds.append(pred.cpu())
+        if c is not None:
+            coarse.append(c.cpu())
+    return torch.cat(probs), (torch.cat(preds) if preds else None), (torch.cat(coarse) if coarse else None)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.4 * n + 2.5, 1.2 * n + 2))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=35, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    hi = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if hi and cm[i, j] > hi / 2 else "black")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def fmt(v: float) -> str:
+    return f"{v:.9g}"
+
+
+def classifier_report(cfg, items, probs, preds, coarse, source, weights) -> dict:
+    y = torch.tensor([lab for _, lab in items])
+    r = classification_report(y, preds, cfg["num_classes"])
+    pc = r["per_class"]
+    cm = r["confusion_matrix"]
+    names = list(CLASS_NAMES[:cfg["num_classes"]])
+    is_def = np.isin(y.numpy(), DEFECT_CLASSES)
+    pred_def = np.isin(preds.numpy(), DEFECT_CLASSES)
+    tp, fp = int((is_def & pred_def).sum()), int((~is_def & pred_def).sum())
+    fn, tn = int((is_def & ~pred_def).sum()), int((~is_def & ~pred_def).sum())
+    out = {
+        "checkpoint": str(weights), "model": cfg["model"], "split": source, "image_size": cfg["image_size"],
+        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "num_classes": cfg["num_classes"], "class_names": names,
+        "total_samples": len(items), "class_counts": class_counts(items)[:cfg["num_classes"]],
+        "metrics": {"accuracy": r["accuracy"], "f1_macro": r["f1_macro"], "f1_weighted": r["f1_weighted"],
+                    "precision_macro": r["precision_macro"], "recall_macro": r["recall_macro"],
+                    "precision_weighted": r["precision_weighted"], "recall_weighted": r["recall_weighted"],
+                    "roc_auc_ovr": roc_auc_ovr(y, probs),
+                    "loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), y))},
+        "per_class_metrics": {n: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
+                                  "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+                              for i, n in enumerate(names)},
+        "confusion_matrix": cm.tolist(),
+        "binary_normal_vs_defect": {
+            "accuracy": (tp + tn) / max(1, len(items)), "defect_recall": tp / max(1, tp + fn),
+            "defect_precision": tp / max(1, tp + fp), "normal_recall": tn / max(1, tn + fp),
+            "confusion_matrix": [[tn, fp], [fn, tp]]},
+    }
+    if coarse is not None:
+        cy, cp = torch.from_numpy(is_def).long(), coarse.argmax(1)
+        cr = classification_report(cy, cp, 2)
+        out["coarse_metrics"] = {"accuracy": cr["accuracy"], "f1_macro": cr["f1_macro"]}
+    return out
+
+
+def ae_report(cfg, items, scores, threshold, source_thr, source, weights) -> dict:
+    y = np.isin([lab for _, lab in items], DEFECT_CLASSES)
+    s = scores.numpy().astype(np.float64)
+    pred = s >= threshold
+    r = classification_report(torch.from_numpy(y).long(), torch.from_numpy(pred).long(), 2)
+    out = {"checkpoint": str(weights), "model": "ae", "split": source, "image_size": cfg["image_size"],
+           "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "threshold": threshold, "threshold_source": source_thr,
+           "total_samples": len(items), "n_normal": int((~y).sum()), "n_defect": int(y.sum()),
+           "metrics": {"roc_auc": roc_auc(y, s), "accuracy": r["accuracy"],
+                       "defect_precision": float(r["per_class"]["precision"][1]),
+                       "defect_recall": float(r["per_class"]["recall"][1]),
+                       "defect_f1": float(r["per_class"]["f1"][1]), "f1_macro": r["f1_macro"]},
+           "score_stats": {"normal_mean": float(s[~y].mean()) if (~y).any() else None,
+                           "normal_std": float(s[~y].std(ddof=1)) if (~y).sum() > 1 else None,
+                           "defect_mean": float(s[y].mean()) if y.any() else None,
+                           "defect_std": float(s[y].std(ddof=1)) if y.sum() > 1 else None},
+           "class_names": ["normal", "defect"], "confusion_matrix": r["confusion_matrix"].tolist()}
+    if y.any() and (~y).any():
+        out["optimal_threshold_on_this_split"] = youden_threshold(y, s)[0]
+    return out
+
+
+def main_classify(args, model, cfg, extra, device):
+    items, labelled, source = resolve_inputs(args)
+    name = cfg["model"]
+    out = args.out or Path("runs") / TASK / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
+    files = ["predictions.csv"] + (["metrics.json", "confusion_matrix.png"] if labelled else [])
+    check_outputs(out, files, args.overwrite)
+    threshold, thr_source = None, None
+    if name == "ae":
+        if args.threshold is not None:
+            threshold, thr_source = args.threshold, "--threshold"
+        elif extra.get("threshold") is not None:
+            threshold = float(extra["threshold"])
+            thr_source = f"checkpoint ({extra.get('threshold_method', 'stored')})"
+        else:
+            raise UserError(f"{args.weights}: no anomaly threshold stored (train.py writes it into best.pt); "
+                            f"pass --threshold")
+    if cfg["image_size"] < 32 or (name == "ae" and cfg["image_size"] % 16):
+        raise UserError(f"image size {cfg['image_size']} does not suit {name}")
+
+    probs, preds, coarse = run_classifier(model, cfg, items, device, args.batch_size, args.workers)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p, _ in items]
+    if name == "ae":
+        flags = (probs.double() >= threshold).tolist()
+        header = ["path"] + (["label", "label_name", "is_defect"] if labelled else []) + ["score", "pred", "decision"]
+        rows = [[p] + ([lab, CLASS_NAMES[lab], int(lab in DEFECT_CLASSES)] if labelled else [])
+                + [fmt(s), int(f), "defect" if f else "normal"]
+                for (p, (_, lab), s, f) in zip(paths, items, probs.tolist(), flags)]
+        header.append("threshold")
+        rows = [r + [fmt(threshold)] for r in rows]
+        print(f"{len(items)} image(s): {sum(flags)} flagged as defect (score >= {threshold:.6g}, {thr_source})")
+    else:
+        names = list(CLASS_NAMES[:cfg["num_classes"]])
+        header = ["path"] + (["label", "label_name"] if labelled else []) + ["pred", "pred_name"] \
+            + [f"prob_{n}" for n in names]
+        rows = [[p] + ([lab, names[lab]] if labelled else []) + [int(k), names[int(k)]] + [fmt(v) for v in pr]
+                for p, (_, lab), k, pr in zip(paths, items, preds.tolist(), probs.tolist())]
+        if coarse is not None:  # HD-CNN: the coarse head's defect probability as well
+            header.append("prob_coarse_defect")
+            rows = [r + [fmt(c)] for r, c in zip(rows, coarse[:, 1].tolist())]
+    write_csv(out / "predictions.csv", header, rows)
+    if labelled:
+        if name == "ae":
+            rep = ae_report(cfg, items, probs, threshold, thr_source, source, args.weights)
+            cm_names = ["normal", "defect"]
+            auc = rep["metrics"]["roc_auc"]
+            print(f"ROC-AUC {auc:.4f}, accuracy {rep['metrics']['accuracy']:.4f}, defect F1 "
+                  f"{rep['metrics']['defect_f1']:.4f} on {len(items)} images ({rep['n_normal']} normal / "
+                  f"{rep['n_defect']} defect)")
+        else:
+            rep = classifier_report(cfg, items, probs, preds, coarse, source, args.weights)
+            cm_names = rep["class_names"]
+            m = rep["metrics"]
+            print(f"accuracy {m['accuracy']:.4f}, F1 macro {m['f1_macro']:.4f}, weighted {m['f1_weighted']:.4f}, "
+                  f"ROC-AUC (ovr) {m['roc_auc_ovr']:.4f} on {len(items)} images")
+            for n, v in rep["per_class_metrics"].items():
+                print(f"  {n:22s} precision {v['precision']:.3f} recall {v['recall']:.3f} f1 {v['f1']:.3f} "
+                      f"support {v['support']}")
+        atomic_write_text(out / "metrics.json", json.dumps(rep, indent=2) + "\n")
+        plot_confusion(out / "confusion_matrix.png", np.asarray(rep["confusion_matrix"]), cm_names,
+                       f"{name} on {Path(source).name}")
+    print(f"outputs written to {out}: {', '.join(files)}")
+    return out
+
+
+# ---------------------------------------------------------------- segmentation
+def window_starts(n: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering 0..n (n >= window): every `stride`, plus one flush with the end."""
+    starts = list(range(0, n - window + 1, stride))
+    if starts[-1] != n - window:
+        starts.append(n - window)
+    return starts
+
+
+def sliding_logits(model, x: torch.Tensor, window: int, stride: int, pad_value: torch.Tensor,
+                   batch_size: int = 4) -> torch.Tensor:
+    """Per-pixel logits (1,C,H,W) for one normalised image x (1,3,H,W): windows of `window` px every
+    `stride` px; where windows overlap their logits are averaged. An image smaller than a window is
+    padded at the bottom/right with `pad_value` (per channel) and the result cropped back."""
+    _, c, h, w = x.shape
+    hp, wp = max(h, window), max(w, window)
+    if (hp, wp) != (h, w):
+        xp = pad_value.view(1, c, 1, 1).to(x).expand(1, c, hp, wp).clone()
+        xp[..., :h, :w] = x
+        x = xp
+    boxes = [(y0, x0) for y0 in window_starts(hp, window, stride) for x0 in window_starts(wp, window, stride)]
+    acc, count = None, torch.zeros(1, 1, hp, wp, device=x.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        out = model(torch.cat([x[..., y0:y0 + window, x0:x0 + window] for y0, x0 in chunk])).float()
+        if acc is None:
+            acc = torch.zeros(1, out.shape[1], hp, wp, device=x.device)
+        for (y0, x0), o in zip(chunk, out):
+            acc[0, :, y0:y0 + window, x0:x0 + window] += o
+            count[0, :, y0:y0 + window, x0:x0 + window] += 1
+    return (acc / count)[..., :h, :w]
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Colour every non-background (class > 0) pixel with its class colour, blended over the image."""
+    colours = PALETTE[mask % len(PALETTE)].astype(np.float32)
+    out = rgb.astype(np.float32)
+    fg = mask > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def main_segment(args, model, cfg, device):
+    if cfg["model"] != "deeplab_seg":
+        raise UserError(f"{args.weights}: --task segment needs deeplab_seg weights "
+                        f"(scripts/convert_deeplab.py --task segment), not {cfg['model']}")
+    if args.window < 16 or not 0 < args.stride <= args.window:
+        raise UserError(f"--window must be at least 16 and 0 < --stride <= --window (got {args.window}, {args.stride})")
+    items, _, source = resolve_inputs(args)
+    paths = [p for p, _ in items]
+    out = args.out or Path("runs") / TASK / f"segment-{time.strftime('%Y%m%d-%H%M%S')}"
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        stems = [f"{i:05d}_{s}" for i, s in enumerate(stems)]
+    files = [f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay")] + ["segments.csv"]
+    check_outputs(out, files, args.overwrite)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    pad = (0.0 - mean) / std  # black, normalised
+    n = cfg["num_classes"]
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for path, stem in tqdm(list(zip(paths, stems)), desc="segment", leave=False, disable=len(paths) <= 1):
+        im = load_image(path, "RGB")
+        rgb = np.asarray(im)
+        x = ((image_to_tensor(im) - mean.view(3, 1, 1)) / std.view(3, 1, 1)).unsqueeze(0).to(device)
+        with torch.inference_mode():
+            logits = model(x) if args.crop == "whole" else \
+                sliding_logits(model, x, args.window, args.stride, pad.to(device), args.batch_size)
+        mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        save_image(out / f"{stem}_mask.png", mask)
+        save_image(out / f"{stem}_overlay.png", overlay(rgb, mask))
+        frac = np.bincount(mask.ravel(), minlength=n)[:n] / mask.size
+        rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac])
+    write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)], rows)
+    how = "whole image" if args.crop == "whole" else f"sliding window {args.window}, stride {args.stride}"
+    print(f"{len(paths)} image(s) segmented ({how}; {n} classes, class 0 drawn as background) from {source}")
+    print(f"outputs written to {out}: <name>_mask.png (class indices), <name>_overlay.png, segments.csv")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be at least 1 and --workers 0 or more")
+    model, cfg, extra = load_model(args)
+    task = args.task or ("segment" if cfg["model"] == "deeplab_seg" else "classify")
+    if task == "classify" and cfg["model"] == "deeplab_seg":
+        raise UserError(f"{args.weights}: deeplab_seg is a segmentation model: use --task segment")
+    device = select_device(args.device)
+    model.to(device)
+    if task == "segment":
+        return main_segment(args, model, cfg, device)
+    return main_classify(args, model, cfg, extra, device)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
