@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from common.cli import add_common_args, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
+from common.checkpoint import unwrap
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.io import UserError, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
@@ -25,11 +26,14 @@ from crbl.data import BUILTIN_VERSION, CRBLDataset, make_builtin_dataset, read_l
 from crbl.model import DEFAULT_THRESHOLDS, MODEL_TYPES, build_model
 
 
+DEMO_EPOCHS = 6
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-type", required=True, choices=MODEL_TYPES,
                    help="crop: layers[150:] of both backbones + head train; full: head only")
-    add_common_args(p, epochs=30, batch_size=32, lr=1e-4)
+    add_common_args(p, epochs=None, batch_size=32, lr=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--init", type=Path, help="converted whole-CRBL weights (scripts/convert_h5.py)")
     p.add_argument("--backbone-weights", type=Path, nargs=2, metavar=("IMAGENET", "NOISY_STUDENT"),
@@ -81,12 +85,40 @@ def load_init_weights(model, args) -> None:
         print("note: backbones start from random weights (give --init or --backbone-weights for real use)")
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model, loader, device, max_batches: int = 8) -> int:
+    """Set every BatchNorm's moving statistics to the mean/variance of its inputs over a few
+    training batches. Only for backbones that start from random weights: a pretrained backbone
+    brings meaningful statistics, a random one has mean 0 / variance 1, which frozen (inference-
+    mode) layers would apply to activations of a very different scale."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the calibration batches
+        m.train()
+    seen = 0
+    for i, (x, _) in enumerate(loader):
+        if i == max_batches:
+            break
+        model.forward_features(x.to(device))
+        seen += len(x)
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return seen
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not 0.0 <= args.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
+    if args.epochs is None:  # the original's 30, or a one-minute demo on the built-in data
+        args.epochs = 30 if args.data is not None else DEMO_EPOCHS
     run = setup_run(args, "crbl", args.model_type)
     data_dir = args.data or ensure_builtin("crbl", BUILTIN_VERSION, make_builtin_dataset)
+    if args.data is None and run.info.is_main:
+        print(f"built-in demo: {args.epochs} epochs (give --epochs to change)")
     train_csv, val_csv = Path(data_dir) / "train.csv", Path(data_dir) / "val.csv"
     train_set = CRBLDataset(read_labels(train_csv), args.model_type, augment=True)
     val_set = CRBLDataset(read_labels(val_csv), args.model_type)
@@ -123,7 +155,13 @@ def main(argv=None):
         report = classification_report(y.long(), (prob > threshold).long(), 2)
         return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)),
                 "val_acc": report["accuracy"], "val_f1": float(report["per_class"]["f1"][1]),
-                "val_auc": roc_auc(y, prob)}
+                "val_auc": roc_auc(y, prob), "val_flagged": float((prob > threshold).float().mean())}
+
+    if args.resume is None and not (args.init or args.backbone_weights):
+        n = calibrate_batchnorm(unwrap(model), loader, run.device)
+        if run.info.is_main:
+            print(f"random backbones: BatchNorm statistics calibrated on {n} training images "
+                  f"(a stand-in for pretrained weights)")
 
     trainer = Trainer(model, opt, loader, loss_fn, out_dir=run.out_dir, epochs=args.epochs, device=run.device,
                       info=run.info, evaluate=evaluate, scheduler=sched, monitor="val_loss", mode="min",
@@ -138,6 +176,10 @@ def main(argv=None):
             print(f"best epoch {result['best_epoch']}: val_loss={best['val_loss']:.4f} "
                   f"acc={best['val_acc']:.3f} f1={best['val_f1']:.3f} auc={best['val_auc']:.3f} "
                   f"(threshold {threshold})")
+            if best["val_flagged"] in (0.0, 1.0):
+                which = "every" if best["val_flagged"] == 1.0 else "no"
+                print(f"note: at threshold {threshold} {which} validation image is flagged; the ROC-AUC shows "
+                      f"how well the model ranks them (set --threshold to score at another cut)")
         print(f"weights: {run.out_dir / 'best.pt'}  ->  python crbl/infer.py --model-type {args.model_type} "
               f"--weights {run.out_dir / 'best.pt'} IMAGES...")
     cleanup(run.info)

@@ -174,3 +174,18 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_pa
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "broken.png: unreadable or corrupt image" in res.stderr
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_batchnorm_calibration_for_random_backbones():
+    from crbl.train import calibrate_batchnorm
+    torch.manual_seed(0)
+    model = build_model("full").train()
+    x = torch.rand(8, 3, 64, 64)
+    loader = [(x[:4], None), (x[4:], None)]
+    assert calibrate_batchnorm(model, loader, torch.device("cpu")) == 8
+    bb = model.backbone1
+    with torch.no_grad():
+        stem = bb.stem_conv(torch.addcmul(bb.input_shift[:, None, None], x, bb.input_scale[:, None, None]))
+    # the stem BN now holds the mean of its inputs over all calibration images
+    torch.testing.assert_close(bb.stem_bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bb.stem_bn.momentum == 0.01 and not bb.stem_bn.training   # Keras momentum, frozen = eval again
