@@ -1,0 +1,179 @@
+"""Benchmarks. Every number is a ratio against a reference measured in the same run.
+
+  python scripts/bench.py common       # common Trainer vs a bare hand-written step loop
+  python scripts/bench.py crbl         # CRBL vs Keras predict; EfficientNetB0 vs torchvision
+  python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
+  python scripts/bench.py all
+
+Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
+Results are printed and written as JSON to --out (default runs/bench/<section>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def report(rows: list[dict], title: str) -> None:
+    print(f"\n== {title}")
+    for r in rows:
+        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
+# ---------------------------------------------------------------- common: loop overhead
+def bench_common(args) -> list[dict]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.data import train_loader
+    from common.distributed import DistInfo
+    from common.trainer import Trainer
+
+    n, bs, epochs = (512, 32, 2) if args.quick else (2048, 32, 3)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                              nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        return model, torch.optim.AdamW(model.parameters(), 1e-3)
+
+    def bare():
+        model, opt = make()
+        loader = DataLoader(data, batch_size=bs, shuffle=True)
+        model.train()
+        for _ in range(epochs):
+            for x, y in loader:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    def common():
+        model, opt = make()
+        loader = train_loader(data, bs, seed=0, workers=0, info=DistInfo())
+        with tempfile.TemporaryDirectory() as out:
+            Trainer(model, opt, loader, lambda m, b: F.cross_entropy(m(b[0]), b[1]), out_dir=out,
+                    epochs=epochs, device=torch.device("cpu"), progress=True).fit()
+
+    t_bare, t_common = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        t_bare.append(timed(bare, 1, warmup=0))
+        t_common.append(timed(common, 1, warmup=0))
+    b, c = statistics.median(t_bare), statistics.median(t_common)
+    steps = epochs * (n // bs)
+    rows = [{"loop": "bare", "s": b, "steps_per_s": steps / b},
+            {"loop": "common.Trainer", "s": c, "steps_per_s": steps / c, "ratio_vs_bare": c / b}]
+    report(rows, f"common loop overhead ({epochs} epochs x {n // bs} steps, batch {bs}, incl. checkpoints/log/plot)")
+    return rows
+
+
+# ---------------------------------------------------------------- crbl
+def bench_crbl(args) -> list[dict]:
+    from crbl.model import CRBL, EfficientNetB0
+    import torchvision
+
+    rows = []
+    bs, size = (8, 128) if args.quick else (32, 128)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Keras original with random weights, saved and converted with our converter
+        ref = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_keras_crbl.py"), str(tmp),
+                              "--batch-size", str(bs), "--size", str(size), "--threads", str(threads),
+                              "--repeats", str(args.repeats)],
+                             capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1",
+                                                                  "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if ref.returncode != 0:
+            raise SystemExit(f"Keras reference failed:\n{ref.stderr[-3000:]}")
+        keras = json.loads(ref.stdout.strip().splitlines()[-1])
+        conv = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_h5.py"), str(tmp / "crbl.h5"),
+                               str(tmp / "crbl.pth"), "--model-type", "full"], capture_output=True, text=True)
+        if conv.returncode != 0:
+            raise SystemExit(f"conversion failed:\n{conv.stderr}")
+        model = CRBL()
+        model.load_state_dict(torch.load(tmp / "crbl.pth", weights_only=True))
+        model.eval()
+        x = torch.rand(bs, 3, size, size)
+        for fmt in ("contiguous", "channels_last"):
+            m, xx = model, x
+            if fmt == "channels_last":
+                m, xx = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                t = timed(lambda: m(xx), args.repeats)
+            rows.append({"model": f"CRBL torch ({fmt})", "batch": bs, "size": size, "img_s": bs / t,
+                         "vs_keras_predict": (bs / t) / keras["img_s"]})
+        rows.append({"model": "CRBL Keras predict (tf_keras + efficientnet)", "batch": bs, "size": size,
+                     "img_s": keras["img_s"], "vs_keras_predict": 1.0})
+
+    bs, size = (2, 224) if args.quick else (8, 224)
+    x = torch.rand(bs, 3, size, size)
+    tv = torchvision.models.efficientnet_b0().eval()
+    ours = EfficientNetB0().eval()
+    with torch.inference_mode():
+        ref_t = timed(lambda: tv(x), args.repeats)
+        for fmt in ("contiguous", "channels_last"):
+            m, xx = ours, x
+            if fmt == "channels_last":
+                m, xx = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            t = timed(lambda: m(xx), args.repeats)
+            rows.append({"model": f"EfficientNetB0 ({fmt})", "batch": bs, "size": size, "img_s": bs / t,
+                         "vs_torchvision": ref_t / t})
+    rows.append({"model": "torchvision efficientnet_b0 (contiguous)", "batch": bs, "size": size,
+                 "img_s": bs / ref_t, "vs_torchvision": 1.0})
+    report(rows, f"crbl inference, {threads} threads")
+    return rows
+
+
+SECTIONS = {"common": bench_common, "crbl": bench_crbl}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("section", choices=[*SECTIONS, "all"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs") / "bench")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores, cuda={torch.cuda.is_available()}")
+    names = list(SECTIONS) if args.section == "all" else [args.section]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        rows = SECTIONS[name](args)
+        path = args.out / f"{name}.json"
+        path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "rows": rows}, indent=1))
+        print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
