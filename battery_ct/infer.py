@@ -37,15 +37,15 @@ from tqdm import tqdm
 
 from battery_ct.data import (BUILTIN_VERSION, IMAGENET_MEAN, IMAGENET_STD, SplitDataset, class_counts,
                              make_builtin_dataset, read_split)
-from battery_ct.model import CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score, build_model
+from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score, build_model,
+                              fuse_for_inference)
 from battery_ct.train import TASK, classify, normalization
-from common.data import ensure_builtin
+from common.data import ensure_builtin, list_images
 from common.device import select_device
 from common.io import (UserError, atomic_open, atomic_write_text, image_to_tensor, load_image, load_untrusted,
                        load_weights_into, run_cli, save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.uint8)
 
@@ -111,29 +111,16 @@ def load_model(args) -> tuple[torch.nn.Module, dict, dict]:
         extra = {}
         model = build_model(name, num_classes=None if name == "ae" else n)
         load_weights_into(model, path)
+    if name in ("deeplabv3", "deeplab_seg"):  # the heavy DRN-D-54 models: BN folded, channels_last
+        model = fuse_for_inference(model)
     return model.eval(), cfg, extra
 
 
 # ---------------------------------------------------------------- inputs
-def collect_images(inputs: list[Path]) -> list[Path]:
-    paths = []
-    for item in inputs:
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths += found
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise UserError(f"{item}: image not found")
-    return paths
-
-
 def resolve_inputs(args) -> tuple[list[tuple[Path, int]], bool, str]:
     """(items, labelled?, source description)."""
     if args.images:
-        return [(p, 0) for p in collect_images(args.images)], False, "images"
+        return [(p, 0) for item in args.images for p in list_images(item)], False, "images"
     if args.split is not None:
         split = args.split
     elif args.data is not None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from battery_ct.data import (CLASS_NAMES, class_counts, parse_name, read_split, split_by_battery,
                              write_split)
+from common.data import IMAGE_SUFFIXES
 from common.io import UserError, run_cli
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 def items_from_folders(root: Path) -> list[tuple[Path, int]]:

@@ -16,6 +16,7 @@ from common.io import UserError
 from common.repro import seed_worker
 
 BUILTIN_ENV = "INDVISION_BUILTIN_DIR"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def builtin_dir(task: str) -> Path:
@@ -75,6 +76,19 @@ def read_csv(path: str | os.PathLike, required: tuple[str, ...]) -> list[tuple[i
     if not rows:
         raise UserError(f"{path}: no data rows")
     return rows
+
+
+def list_images(item: str | os.PathLike) -> list[Path]:
+    """An image file as given, or every image below a folder (sorted); anything else is a UserError."""
+    item = Path(item)
+    if item.is_dir():
+        found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return found
+    if item.is_file():
+        return [item]
+    raise UserError(f"{item}: no such file or folder")
 
 
 class ShardSampler(Sampler):

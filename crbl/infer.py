@@ -20,26 +20,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.data import read_csv
+from common.data import list_images, read_csv
 from common.device import select_device
 from common.io import UserError, atomic_write_text, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
 from crbl.data import preprocess
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
 def collect_inputs(inputs: list[Path]) -> tuple[list[Path], dict[Path, int]]:
     """Image paths in the order given, plus labels where a CSV provides them."""
     paths, labels = [], {}
     for item in inputs:
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths += found
-        elif item.suffix.lower() == ".csv":
+        if item.suffix.lower() == ".csv" and item.is_file():
             for line, row in read_csv(item, ("image_path",)):
                 path = (item.parent / (row["image_path"] or "").strip()).resolve()
                 paths.append(path)
@@ -48,10 +40,8 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], dict[Path, int]]:
                     if label not in ("0", "1"):
                         raise UserError(f"{item}, line {line}: impurity must be 0 or 1 (got {label!r})")
                     labels[path] = int(label)
-        elif item.is_file():
-            paths.append(item)
         else:
-            raise UserError(f"{item}: no such file or folder")
+            paths += list_images(item)
     return paths, labels
 
 

@@ -137,6 +137,20 @@ def test_rng_state_roundtrips_through_weights_only_load(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == a
 
 
+def test_seed_everything_and_deterministic_mode(monkeypatch):
+    from common.repro import seed_everything
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        seed_everything(5, deterministic=True)
+        a = (random.random(), float(np.random.rand()), float(torch.rand(())))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        seed_everything(5)
+        assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == a
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 # ---------------------------------------------------------------- built-in data / CSV
 def test_builtin_data_is_generated_atomically_and_versioned(tmp_path, monkeypatch):
     monkeypatch.setenv(D.BUILTIN_ENV, str(tmp_path))
