@@ -284,3 +284,20 @@ def test_pretrained_from_local_cache(tmp_path, monkeypatch):
     hd = build_model("hdcnn", pretrained=True)
     assert torch.equal(hd.layer3_c[0].conv1.weight, ref.layer3[0].conv1.weight)
     assert torch.equal(hd.layer4_f[0].conv1.weight, ref.layer4[0].conv1.weight)
+
+
+def test_fused_inference_copy_matches_the_model():
+    from battery_ct.model import fuse_for_inference
+    torch.manual_seed(0)
+    model = build_model("deeplab_seg").eval()
+    for m in model.modules():  # non-trivial BN statistics, so folding them actually matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(1, 3, 48, 40)
+    with torch.inference_mode():
+        ref, got = model(x), fused(x)
+    assert got.shape == ref.shape == (1, 4, 48, 40)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
