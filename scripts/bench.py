@@ -104,7 +104,7 @@ def bench_crbl(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # Keras original with random weights, saved and converted with our converter
-        ref = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_keras_crbl.py"), str(tmp),
+        ref = subprocess.run([sys.executable, str(REPO / "tests" / "keras_ref" / "bench_predict.py"), str(tmp),
                               "--batch-size", str(bs), "--size", str(size), "--threads", str(threads),
                               "--repeats", str(args.repeats)],
                              capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1",
@@ -133,24 +133,92 @@ def bench_crbl(args) -> list[dict]:
 
     bs, size = (2, 224) if args.quick else (8, 224)
     x = torch.rand(bs, 3, size, size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     tv = torchvision.models.efficientnet_b0().eval()
     ours = EfficientNetB0().eval()
     with torch.inference_mode():
-        ref_t = timed(lambda: tv(x), args.repeats)
-        for fmt in ("contiguous", "channels_last"):
-            m, xx = ours, x
-            if fmt == "channels_last":
-                m, xx = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        tv_t = {"contiguous": timed(lambda: tv(x), args.repeats)}
+        tv_cl = tv.to(memory_format=torch.channels_last)
+        tv_t["channels_last"] = timed(lambda: tv_cl(x_cl), args.repeats)
+        ref_t = min(tv_t.values())  # against torchvision's faster layout
+        for fmt, xx in (("contiguous", x), ("channels_last", x_cl)):
+            m = ours.to(memory_format=torch.channels_last) if fmt == "channels_last" else ours
             t = timed(lambda: m(xx), args.repeats)
             rows.append({"model": f"EfficientNetB0 ({fmt})", "batch": bs, "size": size, "img_s": bs / t,
-                         "vs_torchvision": ref_t / t})
-    rows.append({"model": "torchvision efficientnet_b0 (contiguous)", "batch": bs, "size": size,
-                 "img_s": bs / ref_t, "vs_torchvision": 1.0})
+                         "vs_best_torchvision": ref_t / t})
+    for fmt, t in tv_t.items():
+        rows.append({"model": f"torchvision efficientnet_b0 ({fmt})", "batch": bs, "size": size,
+                     "img_s": bs / t, "vs_best_torchvision": ref_t / t})
     report(rows, f"crbl inference, {threads} threads")
     return rows
 
 
-SECTIONS = {"common": bench_common, "crbl": bench_crbl}
+# ---------------------------------------------------------------- battery_ct
+def _battery_inputs(name: str, x: torch.Tensor):
+    return (x, torch.zeros(x.shape[0], 2)) if name == "late_fusion" else (x,)
+
+
+def _battery_loss(name: str, out, y: torch.Tensor) -> torch.Tensor:
+    if name == "hdcnn":
+        from battery_ct.model import HDCNNLoss
+        return HDCNNLoss()(out, y)
+    if name in ("ae",):
+        return F.mse_loss(out[0], torch.zeros_like(out[0]))
+    if name == "deeplab_seg":
+        return F.cross_entropy(out, torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long))
+    return F.cross_entropy(out, y)
+
+
+def bench_battery(args) -> list[dict]:
+    """Forward images/s of every model (batch 1 and 8) and one training step, at 512x512 (--quick:
+    128). Each model in both memory layouts; the DeepLab models also as a BN-folded channels_last
+    copy (fuse_for_inference) against the straightforward port (plain eval, contiguous)."""
+    from battery_ct.model import MODEL_NAMES, build_model, fuse_for_inference
+
+    size = 128 if args.quick else 512
+    rows = []
+    for name in MODEL_NAMES:
+        model = build_model(name).eval()
+        heavy = name in ("deeplabv3", "deeplab_seg", "drn_aspp")
+        reps = 1 if heavy and not args.quick else args.repeats
+        for bs in (1, 8):
+            x = torch.rand(bs, 3, size, size)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            variants = [("contiguous", model, x), ("channels_last", model, x_cl)]
+            if name in ("deeplabv3", "deeplab_seg"):
+                variants.append(("fused_bn+channels_last", fuse_for_inference(model), x_cl))
+            base = None
+            for layout, m, xx in variants:
+                m = m.to(memory_format=torch.channels_last) if layout == "channels_last" else \
+                    (m.to(memory_format=torch.contiguous_format) if layout == "contiguous" else m)
+                with torch.inference_mode():
+                    t = timed(lambda: m(*_battery_inputs(name, xx)), reps)
+                base = base or t
+                rows.append({"model": name, "what": "forward", "batch": bs, "layout": layout,
+                             "img_s": bs / t, "vs_contiguous": base / t})
+                print(f"  {name} b{bs} {layout}: {bs / t:.3g} img/s", flush=True)
+        # one training step (forward, backward, AdamW), batch 8 (2 for the DRN-D-54 models)
+        bs = 2 if name in ("deeplabv3", "deeplab_seg") and not args.quick else 8 if not args.quick else 2
+        train_model = build_model(name).train()
+        opt = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], 1e-4)
+        y = torch.randint(0, 5, (bs,))
+        for layout in ("contiguous", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            train_model.to(memory_format=fmt)
+            x = torch.rand(bs, 3, size, size).contiguous(memory_format=fmt)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                _battery_loss(name, train_model(*_battery_inputs(name, x)), y).backward()
+                opt.step()
+            t = timed(step, 1 if heavy else max(1, args.repeats // 2))
+            rows.append({"model": name, "what": "train_step", "batch": bs, "layout": layout, "img_s": bs / t})
+            print(f"  {name} train step b{bs} {layout}: {bs / t:.3g} img/s", flush=True)
+    report(rows, f"battery_ct models at {size}x{size}, {torch.get_num_threads()} threads")
+    return rows
+
+
+SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery}
 
 
 def main():

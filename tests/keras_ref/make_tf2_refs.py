@@ -28,6 +28,7 @@ from tensorflow import keras  # noqa: E402  (tf_keras, because of TF_USE_LEGACY_
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Out, param_counts, randomize, write_inputs  # noqa: E402
+from original_crbl import build_crbl, set_trainable  # noqa: E402
 
 t_start = time.time()
 out = Out(sys.argv[1])
@@ -35,50 +36,6 @@ out.meta["keras_version"] = tf_keras.__version__
 out.meta["tf_version"] = tf.__version__
 x128, xodd = write_inputs(out.path)
 rng = np.random.default_rng(20240402)
-
-
-def outer_product(inputs):
-    """The original bilinear pooling Lambda (written from its description in the reference notes)."""
-    x1, x2 = inputs
-    n = tf.shape(x1)[0]
-    hw = tf.shape(x1)[1] * tf.shape(x1)[2]
-    c1, c2 = x1.shape[3], x2.shape[3]
-    a = tf.reshape(x1, [n, hw, c1])
-    b = tf.reshape(x2, [n, hw, c2])
-    phi = tf.reshape(tf.matmul(tf.transpose(a, [0, 2, 1]), b), [n, c1 * c2])
-    phi = phi / tf.cast(hw, tf.float32)
-    y = tf.sign(phi) * tf.sqrt(tf.abs(phi) + 1e-12)
-    return tf.nn.l2_normalize(y, axis=1)
-
-
-def set_trainable(backbones, is_crop):
-    for bb in backbones:
-        for layer in bb.layers[150:]:
-            layer.trainable = is_crop
-        for layer in bb.layers[:150]:
-            layer.trainable = False
-
-
-def build_crbl(is_crop, input_shape=(128, 128, 3)):
-    inp = keras.layers.Input(shape=input_shape)
-    b1 = efn.EfficientNetB0(include_top=False, weights=None)
-    b2 = efn.EfficientNetB0(include_top=False, weights=None)
-    b1._name = "EfficientNetB0_imagenetWeight"
-    b2._name = "EfficientNetB0_noisy-studentWeight"
-    for layer in b1.layers:
-        layer._name = "model1_" + layer._name
-    for layer in b2.layers:
-        layer._name = "model2_" + layer._name
-    set_trainable((b1, b2), is_crop)
-    lam = keras.layers.Lambda(outer_product)
-    drop = keras.layers.Dropout(0.5)
-    dense = keras.layers.Dense(1, activation="sigmoid", name="predictions")
-    model = keras.Model(inp, dense(drop(lam([b1(inp), b2(inp)]))))
-    # the same layers on an odd-sized input (the backbones are built with (None, None, 3))
-    inp_odd = keras.layers.Input(shape=xodd.shape[1:])
-    model_odd = keras.Model(inp_odd, dense(drop(lam([b1(inp_odd), b2(inp_odd)]))))
-    model.pooled = lambda x: lam([b1(x, training=False), b2(x, training=False)]).numpy()
-    return model, model_odd, b1, b2, dense
 
 
 def discriminative_dense(model, dense):
@@ -119,7 +76,7 @@ def train_one_step(model):
 
 
 # ---------------------------------------------------------------- the CRBL model
-model, model_odd, b1, b2, dense = build_crbl(is_crop=True)
+model, model_odd, b1, b2, dense = build_crbl(is_crop=True, odd_shape=xodd.shape[1:])
 randomize(b1.layers, rng)
 randomize(b2.layers, rng)
 discriminative_dense(model, dense)
@@ -161,7 +118,7 @@ other.save_weights(out.file("other.weights.h5"))
 # ---------------------------------------------------------------- Keras's own loading of legacy files
 # (positional): does a crop-saved legacy .h5 load into the full-configured model?  Last, because a
 # failed load may leave the model half-assigned.
-_, _, fb1, fb2, _ = full_model = build_crbl(is_crop=False)
+_, _, fb1, fb2, _ = full_model = build_crbl(is_crop=False, odd_shape=xodd.shape[1:])
 try:
     full_model[0].load_weights(out.file("crop.h5"))
     out.meta["keras_loads_crop_h5_into_full"] = "loaded"
