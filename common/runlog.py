@@ -5,6 +5,8 @@ import csv
 import importlib.util
 import io
 import math
+import sys
+import types
 from pathlib import Path
 
 from common.io import atomic_open, atomic_write_text
@@ -22,6 +24,10 @@ class RunLog:
         self.history = list(history or [])
         self.tb = None
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            # Without this marker tensorboard imports all of TensorFlow when it is installed (ours is,
+            # for the Keras tests): 4 s and a screen of TF log lines per run. Writing events needs only
+            # tensorboard's own TF stub, which this module name selects.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=len(self.history) + 1)
 
@@ -34,11 +40,6 @@ class RunLog:
                 if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["epoch"])
             self.tb.flush()
-
-    def log_step(self, step: int, values: dict) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"step/{k}", v, step)
 
     def _write_csv(self) -> None:
         fields = []

@@ -105,6 +105,13 @@ def test_outputs_checkpoint_contents_and_periodic_files(tmp_path):
     assert best["best_metric"] == pytest.approx(min(float(r["val_loss"]) for r in rows), rel=1e-5)
     png = (out / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard (installed by requirements.txt) got the same per-epoch numbers as log.csv
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(int(r["epoch"]), pytest.approx(float(r[key]), rel=1e-5)) for r in rows], key
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
