@@ -3,7 +3,8 @@
   python scripts/bench.py common       # common Trainer vs a bare hand-written step loop
   python scripts/bench.py crbl         # CRBL vs Keras predict; EfficientNetB0 vs torchvision
   python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
-  python scripts/bench.py all
+  python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
+  python scripts/bench.py all          # the CPU sections
 
 Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
 Results are printed and written as JSON to --out (default runs/bench/<section>.json).
@@ -11,6 +12,7 @@ Results are printed and written as JSON to --out (default runs/bench/<section>.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,14 +29,21 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
+    """Median seconds per call (CUDA work included: the clock stops after a synchronize)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -46,7 +55,7 @@ def report(rows: list[dict], title: str) -> None:
 
 
 # ---------------------------------------------------------------- common: loop overhead
-def bench_common(args) -> list[dict]:
+def bench_common(args, device: torch.device = torch.device("cpu")) -> list[dict]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.data import train_loader
@@ -62,6 +71,7 @@ def bench_common(args) -> list[dict]:
         model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                               nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        model = model.to(device)
         return model, torch.optim.AdamW(model.parameters(), 1e-3)
 
     def bare():
@@ -70,6 +80,7 @@ def bench_common(args) -> list[dict]:
         model.train()
         for _ in range(epochs):
             for x, y in loader:
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
@@ -79,7 +90,7 @@ def bench_common(args) -> list[dict]:
         loader = train_loader(data, bs, seed=0, workers=0, info=DistInfo())
         with tempfile.TemporaryDirectory() as out:
             Trainer(model, opt, loader, lambda m, b: F.cross_entropy(m(b[0]), b[1]), out_dir=out,
-                    epochs=epochs, device=torch.device("cpu"), progress=True).fit()
+                    epochs=epochs, device=device, progress=True).fit()
 
     t_bare, t_common = [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
@@ -89,7 +100,8 @@ def bench_common(args) -> list[dict]:
     steps = epochs * (n // bs)
     rows = [{"loop": "bare", "s": b, "steps_per_s": steps / b},
             {"loop": "common.Trainer", "s": c, "steps_per_s": steps / c, "ratio_vs_bare": c / b}]
-    report(rows, f"common loop overhead ({epochs} epochs x {n // bs} steps, batch {bs}, incl. checkpoints/log/plot)")
+    report(rows, f"common loop overhead on {device.type} ({epochs} epochs x {n // bs} steps, batch {bs}, "
+                 "incl. checkpoints/log/plot)")
     return rows
 
 
@@ -155,17 +167,17 @@ def bench_crbl(args) -> list[dict]:
 
 # ---------------------------------------------------------------- battery_ct
 def _battery_inputs(name: str, x: torch.Tensor):
-    return (x, torch.zeros(x.shape[0], 2)) if name == "late_fusion" else (x,)
+    return (x, torch.zeros(x.shape[0], 2, device=x.device)) if name == "late_fusion" else (x,)
 
 
 def _battery_loss(name: str, out, y: torch.Tensor) -> torch.Tensor:
     if name == "hdcnn":
         from battery_ct.model import HDCNNLoss
-        return HDCNNLoss()(out, y)
+        return HDCNNLoss().to(y.device)(out, y)
     if name in ("ae",):
         return F.mse_loss(out[0], torch.zeros_like(out[0]))
     if name == "deeplab_seg":
-        return F.cross_entropy(out, torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long))
+        return F.cross_entropy(out, torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long, device=out.device))
     return F.cross_entropy(out, y)
 
 
@@ -218,7 +230,67 @@ def bench_battery(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery}
+# ---------------------------------------------------------------- gpu
+def bench_gpu(args) -> list[dict]:
+    """CUDA throughput of every model, channels_last, fp32 (the reference) against fp16 and bf16
+    autocast: forward (inference_mode) and a training step (AdamW; GradScaler for fp16). The
+    common loop's overhead is measured on the GPU too."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the gpu section needs a CUDA device")
+    from battery_ct.model import MODEL_NAMES, build_model as build_battery
+    from crbl.model import build_model as build_crbl
+
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    size = 128 if args.quick else 512
+    cases = [(f"crbl_{t}", lambda t=t: build_crbl(t), 32, 128) for t in ("crop", "full")]
+    cases += [(n, lambda n=n: build_battery(n), 8, size) for n in MODEL_NAMES]
+    if args.models:
+        cases = [c for c in cases if c[0] in args.models.split(",")]
+    rows = []
+    for name, build, bs, sz in cases:
+        model = build().to(dev, memory_format=torch.channels_last)
+        x = torch.rand(bs, 3, sz, sz, device=dev).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 5, (bs,), device=dev)
+        inputs = _battery_inputs(name, x)
+        if name.startswith("crbl"):
+            loss_fn = lambda out, y: F.binary_cross_entropy_with_logits(out, (y[:, None] > 2).float())  # noqa: E731
+        else:
+            loss_fn = lambda out, y, n=name: _battery_loss(n, out, y)  # noqa: E731
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
+        ref = {}
+        for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+            model.eval()
+
+            def forward():
+                with torch.inference_mode(), ctx():
+                    model(*inputs)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with ctx():
+                    loss = loss_fn(model(*inputs), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            t_fwd = timed(forward, args.repeats, warmup=3)
+            model.train()
+            t_step = timed(step, args.repeats, warmup=3)
+            ref = ref or {"fwd": t_fwd, "step": t_step}
+            rows.append({"model": name, "precision": prec, "batch": bs, "size": sz,
+                         "forward_img_s": bs / t_fwd, "fwd_vs_fp32": ref["fwd"] / t_fwd,
+                         "train_img_s": bs / t_step, "train_vs_fp32": ref["step"] / t_step})
+            print(f"  {name} {prec}: forward {bs / t_fwd:.4g} img/s, train step {bs / t_step:.4g} img/s", flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+    report(rows, f"models on {torch.cuda.get_device_name()} (channels_last)")
+    return rows + bench_common(args, dev)
+
+
+SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "gpu": bench_gpu}
+CPU_SECTIONS = ["common", "crbl", "battery_ct"]
 
 
 def main():
@@ -227,13 +299,14 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", help="gpu section: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, cuda={torch.cuda.is_available()}")
-    names = list(SECTIONS) if args.section == "all" else [args.section]
+    names = CPU_SECTIONS if args.section == "all" else [args.section]
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         rows = SECTIONS[name](args)
