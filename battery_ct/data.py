@@ -1,7 +1,7 @@
 """Battery CT data: split files, filename metadata, battery-grouped splits, built-in demo slices.
 
 Split file: one `path<TAB>label` per line, no header; relative paths are resolved against the
-split file's folder, or against --root when given. Labels index CLASS_NAMES.
+split file's folder, or against --root when given. A label is an index into CLASS_NAMES or the class name itself.
 Filenames carry metadata: CT_{cell|module}_{package}_{batteryid}_{x|y|z}_{slice}.jpg, e.g.
 CT_cell_pouch_102_x_141.jpg; the battery ID is type_package_batteryid (cell_pouch_102).
 """
@@ -18,7 +18,7 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import Dataset
 
 from battery_ct.model import CLASS_NAMES
-from common.io import UserError, load_image, save_image
+from common.io import UserError, atomic_write_text, load_image, save_image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BUILTIN_VERSION = "battery-ct-1"
@@ -51,26 +51,33 @@ def read_split(split: str | Path, root: str | Path | None = None, num_classes: i
     if not split.is_file():
         raise UserError(f"{split}: split file not found")
     base = Path(root) if root is not None else split.parent
+    try:  # utf-8-sig: split files saved by Windows editors start with a byte-order mark
+        lines = split.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{split}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     items = []
-    with open(split, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 2:
-                raise UserError(f"{split}, line {n}: expected 'path<TAB>label', found no tab")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise UserError(f"{split}, line {n}: expected 'path<TAB>label', found no tab")
+        label = parts[1].strip()
+        if label in CLASS_NAMES[:num_classes]:
+            label = CLASS_NAMES.index(label)
+        else:
             try:
-                label = int(parts[1])
+                label = int(label)
             except ValueError:
-                raise UserError(f"{split}, line {n}: label {parts[1]!r} is not an integer") from None
-            if not 0 <= label < num_classes:
-                raise UserError(f"{split}, line {n}: label {label} out of range 0..{num_classes - 1}")
-            path = Path(parts[0])
-            path = path if path.is_absolute() else base / path
-            if check_files and not path.is_file():
-                raise UserError(f"{split}, line {n}: image not found: {path}")
-            items.append((path, label))
+                raise UserError(f"{split}, line {n}: label {parts[1]!r} is neither a class index nor one of "
+                                f"{', '.join(CLASS_NAMES[:num_classes])}") from None
+        if not 0 <= label < num_classes:
+            raise UserError(f"{split}, line {n}: label {label} out of range 0..{num_classes - 1}")
+        path = Path(parts[0])
+        path = path if path.is_absolute() else base / path
+        if check_files and not path.is_file():
+            raise UserError(f"{split}, line {n}: image not found: {path}")
+        items.append((path, label))
     if not items:
         raise UserError(f"{split}: no samples")
     return items
@@ -78,7 +85,7 @@ def read_split(split: str | Path, root: str | Path | None = None, num_classes: i
 
 def write_split(path: Path, items: list[tuple[Path, int]], relative_to: Path | None = None) -> None:
     lines = [f"{p.relative_to(relative_to) if relative_to else p}\t{y}" for p, y in items]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def split_by_battery(items: list[tuple[Path, int]], seed: int = 42,

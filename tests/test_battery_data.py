@@ -122,7 +122,7 @@ def test_make_splits_warns_about_an_empty_split(tmp_path, capsys):
 BAD_LINES = [
     ("images/CT_cell_pouch_000_x_1.jpg 0", "line 2: expected 'path<TAB>label', found no tab"),
     ("images/CT_cell_pouch_000_x_1.jpg\t7", "line 2: label 7 out of range 0..4"),
-    ("images/CT_cell_pouch_000_x_1.jpg\tone", "line 2: label 'one' is not an integer"),
+    ("images/CT_cell_pouch_000_x_1.jpg\tone", "line 2: label 'one' is neither a class index nor one of cell_normal, "),
     ("images/missing.jpg\t0", "line 2: image not found"),
 ]
 
@@ -177,6 +177,18 @@ def test_read_split_relative_to_file_or_root(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(UserError, match="empty.txt: no samples"):
         read_split(tmp_path / "empty.txt")
+
+
+def test_read_split_takes_windows_files_and_class_names(tmp_path):
+    img = _jpg(tmp_path / "images" / "CT_module_prismatic_7_z_3.jpg")
+    other = _jpg(tmp_path / "images" / "CT_cell_pouch_2_x_1.jpg")
+    # Notepad: byte-order mark and CRLF; a class name instead of its index
+    (tmp_path / "s.txt").write_bytes("images/CT_module_prismatic_7_z_3.jpg\t3\r\n"
+                                     "images/CT_cell_pouch_2_x_1.jpg\tcell_porosity\r\n\r\n".encode("utf-8-sig"))
+    assert read_split(tmp_path / "s.txt") == [(img, 3), (other, 1)]
+    (tmp_path / "latin1.txt").write_bytes("images/caf\xe9.jpg\t0\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt: not a UTF-8 text file"):
+        read_split(tmp_path / "latin1.txt")
 
 
 @pytest.mark.parametrize("name, meta", [
