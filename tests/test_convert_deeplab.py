@@ -195,6 +195,26 @@ def _image():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 
 
+def _assert_parity(model, sd, ref_head):
+    """Our backbone, ASPP (forward_features) and logits against the functional reference applied
+    to the checkpoint's tensors; ref_head(x, ref_aspp_map) gives the reference logits."""
+    model.eval()
+    x = _image()
+    with torch.no_grad():
+        feat, low = model.backbone(x)
+        aspp = model.forward_features(x)
+        logits = model(x)
+        rfeat, rlow = ref_backbone(x, sd)
+        raspp = ref_aspp(rfeat, sd)
+        rlogits = ref_head(x, raspp)
+    assert feat.shape == (2, 512, 8, 8) and low.shape == (2, 256, 16, 16) and aspp.shape == (2, 256, 8, 8)
+    diffs = {"backbone x": _maxdiff(feat, rfeat), "low_level_feat": _maxdiff(low, rlow),
+             "aspp": _maxdiff(aspp, raspp), "logits": _maxdiff(logits, rlogits)}
+    print(f"{type(model).__name__} parity max|diff|:", diffs, "max|logit|:", rlogits.abs().max().item())
+    assert max(diffs.values()) <= TOL, diffs
+    return logits, rlogits
+
+
 def _cli(argv, capsys):
     """Run the converter like the command line does (run_cli): (exit code, stdout, stderr)."""
     code = 0
@@ -235,21 +255,8 @@ def test_segment_via_cli_matches_functional_reference(work):
     model = build_model("deeplab_seg")
     report = load_converted(model, out)
     assert len(report["loaded"]) == 398 and not report["kept_init"] and not report["ignored"]
-    model.eval()
-    x = _image()
-    with torch.no_grad():
-        feat, low = model.backbone(x)
-        aspp = model.aspp(feat)
-        logits = model(x)
-        rfeat, rlow = ref_backbone(x, sd)
-        raspp = ref_aspp(rfeat, sd)
-        rlogits = ref_segment(x, sd)
-    assert feat.shape == (2, 512, 8, 8) and low.shape == (2, 256, 16, 16)
-    assert aspp.shape == (2, 256, 8, 8) and logits.shape == (2, 4, 64, 64)
-    diffs = {"backbone x": _maxdiff(feat, rfeat), "low_level_feat": _maxdiff(low, rlow),
-             "aspp": _maxdiff(aspp, raspp), "logits": _maxdiff(logits, rlogits)}
-    print("segment parity max|diff|:", diffs, "max|logit|:", rlogits.abs().max().item())
-    assert max(diffs.values()) <= TOL, diffs
+    logits, rlogits = _assert_parity(model, sd, lambda x, raspp: ref_segment(x, sd))
+    assert logits.shape == (2, 4, 64, 64)
     assert rlogits.std() > 1e-3  # the comparison is not between two constant maps
     # a segment file also loads into the classifier: decoder ignored, classifier kept fresh
     report = load_converted(build_model("deeplabv3"), out)
@@ -276,19 +283,8 @@ def test_classify_keeps_backbone_and_aspp(work, capsys):
     assert report["kept_init"] == ["classifier.weight", "classifier.bias"] and len(report["loaded"]) == 378
     assert all(torch.equal(fresh[k], v) for k, v in model.classifier.state_dict().items())
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 256 * 5 + 5
-    model.eval()
-    x = _image()
-    with torch.no_grad():
-        feat, low = model.backbone(x)
-        aspp = model.forward_features(x)
-        logits = model(x)
-        rfeat, rlow = ref_backbone(x, sd)
-        raspp = ref_aspp(rfeat, sd)
-        rlogits = F.linear(raspp.mean((2, 3)), model.classifier.weight, model.classifier.bias)
-    diffs = {"backbone x": _maxdiff(feat, rfeat), "low_level_feat": _maxdiff(low, rlow),
-             "aspp": _maxdiff(aspp, raspp), "logits": _maxdiff(logits, rlogits)}
-    print("classify parity max|diff|:", diffs)
-    assert max(diffs.values()) <= TOL, diffs
+    _assert_parity(model, sd, lambda x, raspp: F.linear(raspp.mean((2, 3)), model.classifier.weight,
+                                                         model.classifier.bias))
 
 
 def test_bare_module_prefixed_state_dict(work, capsys):
