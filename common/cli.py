@@ -27,7 +27,7 @@ from common.repro import seed_everything
 
 # Flags that do not change what a run computes: they may differ on --resume.
 RESUME_FREE = ("resume", "out", "device", "workers", "threads", "no_progress", "overwrite", "save_every",
-               "max_image_pixels")
+               "max_image_pixels")  # workers: common.data.SeededSamples makes the data independent of it
 # What the common Trainer writes into a run folder (removed by --overwrite before a fresh run).
 RUN_OUTPUTS = ("last.pt", "best.pt", "epoch_*.pt", "log.csv", "loss_curve.png", "tensorboard")
 PILLOW_DEFAULT_MAX_PIXELS = 89_478_485

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -133,18 +135,43 @@ class BalancedSampler(Sampler):
         return self.num_samples
 
 
+class SeededSamples(Dataset):
+    """Each sample's random augmentation depends on (seed, epoch, index) alone, not on which
+    process loads it or after what: a run gives the same result with any --workers, so a resume
+    may change it. The RNG states around the call are restored (dropout keeps its own stream)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        s = ((self.seed * 1000003 + self.epoch) * 1000033 + int(i)) % 2**63
+        saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        try:
+            torch.default_generator.manual_seed(s)
+            np.random.seed(s % 2**32)
+            random.seed(s)
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
 def train_loader(dataset: Dataset, batch_size: int, *, seed: int, workers: int, info: DistInfo,
                  drop_last: bool = False, sampler: Sampler | None = None, pin_memory: bool = False) -> DataLoader:
-    """Shuffled loader whose order and worker seeds depend only on (seed, epoch).
+    """Shuffled loader whose order and augmentation depend only on (seed, epoch).
 
     Call `set_epoch(loader, epoch)` before each epoch. The order is a DistributedSampler
     permutation, so one process with batch B*N sees the same global batches as N processes
-    with batch B each.
+    with batch B each; each sample is drawn through SeededSamples.
     """
     if sampler is None:
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                      shuffle=True, seed=seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, worker_init_fn=seed_worker, generator=torch.Generator(),
                       pin_memory=pin_memory, persistent_workers=False)
 
@@ -158,5 +185,7 @@ def eval_loader(dataset: Dataset, batch_size: int, *, workers: int, info: DistIn
 def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, SeededSamples):
+        loader.dataset.epoch = epoch
     if loader.generator is not None:  # seeds the workers' RNGs for this epoch
         loader.generator.manual_seed(seed * 100003 + epoch)

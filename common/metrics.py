@@ -5,6 +5,8 @@ floats and numpy arrays; they follow scikit-learn's definitions (0 where a ratio
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from pytorch_msssim import ms_ssim as _ms_ssim
@@ -18,20 +20,32 @@ def _np(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- images
+def _fp32(fn):
+    """Metrics in full precision even when called under autocast (validation runs inside it)."""
+    @functools.wraps(fn)
+    def wrapper(pred, target, *args, **kw):
+        with torch.autocast(pred.device.type, enabled=False):
+            return fn(pred.float(), target.float(), *args, **kw)
+    return wrapper
+
+
+@_fp32
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image PSNR in dB, shape (B,); pred/target (B,C,H,W). Identical images give inf."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    mse = (pred - target).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(data_range ** 2 / mse)
 
 
+@_fp32
 def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, size_average: bool = True):
     """SSIM with an 11x11 Gaussian window (sigma 1.5), via pytorch-msssim."""
-    return _ssim(pred.float(), target.float(), data_range=data_range, size_average=size_average)
+    return _ssim(pred, target, data_range=data_range, size_average=size_average)
 
 
+@_fp32
 def ms_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, size_average: bool = True, **kw):
     """MS-SSIM via pytorch-msssim (needs images larger than 160 px with the default 5 scales)."""
-    return _ms_ssim(pred.float(), target.float(), data_range=data_range, size_average=size_average, **kw)
+    return _ms_ssim(pred, target, data_range=data_range, size_average=size_average, **kw)
 
 
 # ---------------------------------------------------------------- classification

@@ -81,11 +81,15 @@ class Trainer:
                  accum_steps: int = 1, clip_grad: float | None = None, channels_last: bool = False,
                  save_every: int = 0, seed: int = 0, config=None,
                  on_step: Callable | None = None, on_epoch: Callable | None = None,
-                 extra_state: Callable[[], dict] | None = None, progress: bool = True):
+                 extra_state: Callable[[], dict] | None = None, progress: bool = True,
+                 nonfinite: str = "stop"):
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError("scheduler_interval must be 'step' or 'epoch'")
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError("nonfinite must be 'stop' or 'skip'")
+        self.nonfinite = nonfinite  # a NaN/inf loss or gradient: stop the run, or skip that update
         self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
         self.out_dir, self.epochs, self.device = Path(out_dir), epochs, device
         self.info = info or DistInfo()
@@ -232,12 +236,13 @@ class Trainer:
         t0 = time.perf_counter()
         loss_sum, n_batches, n_samples = torch.zeros((), dtype=torch.float64), 0, 0
         extra_sums: dict[str, float] = {}
-        skip, resume_at = 0, self._resume_at
+        skip, resume_at, skipped, window_bad = 0, self._resume_at, 0, False
         if resume_at is not None:
             self._resume_at = None
             skip = int(resume_at["batch"])
             loss_sum += resume_at["loss_sum"]
             n_batches, n_samples = int(resume_at["n_batches"]), int(resume_at["n_samples"])
+            skipped = int(resume_at.get("skipped", 0))
             extra_sums = dict(resume_at["extra_sums"])
             if self.info.is_main:
                 print(f"epoch {epoch + 1}: re-reading the {skip} batch(es) done before the interruption "
@@ -258,7 +263,7 @@ class Trainer:
                 # at the last step boundary, so save there
                 if self._stop and i > skip and i % self.accum_steps == 0:
                     bar.close()
-                    self._save_mid_epoch(i, loss_sum, n_batches, n_samples, extra_sums)
+                    self._save_mid_epoch(i, loss_sum, n_batches, n_samples, extra_sums, skipped)
                     self._interrupted(f"in epoch {epoch + 1} after batch {i}/{n_micro}")
                 raise
             if i < skip:
@@ -273,15 +278,21 @@ class Trainer:
                 with self.autocast():
                     out = self.loss_fn(self.model, batch)
                 loss, logs = out if isinstance(out, tuple) else (out, {})
-                agreed_stop = self._guard(loss, epoch, i)
-                self.scaler.scale(loss / self.accum_steps).backward()
+                agreed_stop, bad = self._guard(loss, epoch, i)
+                if not bad:
+                    self.scaler.scale(loss / self.accum_steps).backward()
+            window_bad |= bad
             if last_micro:
-                self._optimizer_step(epoch, i)
-            loss_sum += loss.detach().double().cpu()
-            n_batches += 1
+                if window_bad or not self._optimizer_step(epoch, i):
+                    self.optimizer.zero_grad(set_to_none=True)  # nonfinite="skip": this update is dropped
+                    skipped += 1
+                window_bad = False
             n_samples += batch_size_of(batch)
-            for k, v in logs.items():
-                extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
+            if not bad:
+                loss_sum += loss.detach().double().cpu()
+                n_batches += 1
+                for k, v in logs.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
             if last_micro:
                 if self.on_step is not None:
                     self.on_step(self, {"epoch": epoch + 1, "step": self.step, "loss": loss.item(), **logs})
@@ -291,12 +302,17 @@ class Trainer:
                                     img_s=f"{rate:.1f}")
                 if i + 1 < n_micro and self._stop_requested(agreed_stop):
                     bar.close()
-                    self._save_mid_epoch(i + 1, loss_sum, n_batches, n_samples, extra_sums)
+                    self._save_mid_epoch(i + 1, loss_sum, n_batches, n_samples, extra_sums, skipped)
                     self._interrupted(f"in epoch {epoch + 1} after batch {i + 1}/{n_micro}")
         bar.close()
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": all_reduce_mean(loss_sum / max(1, n_batches), self.info)}
         row.update({f"train_{k}": all_reduce_mean(v / max(1, n_batches), self.info) for k, v in extra_sums.items()})
+        if self.nonfinite == "skip":
+            row["skipped_steps"] = skipped
+            if skipped and self.info.is_main:
+                print(f"warning: {skipped} update(s) skipped in epoch {epoch + 1}: the loss or the gradients "
+                      f"were NaN/inf", flush=True)
         row["lr"] = self.lr()
         row["samples_per_s"] = n_samples * self.info.world_size / elapsed
         if self.evaluate is not None:
@@ -332,33 +348,38 @@ class Trainer:
         barrier(self.info)
         return row
 
-    def _save_mid_epoch(self, done: int, loss_sum, n_batches: int, n_samples: int, extra_sums: dict) -> None:
+    def _save_mid_epoch(self, done: int, loss_sum, n_batches: int, n_samples: int, extra_sums: dict,
+                        skipped: int) -> None:
         if self.info.is_main:
             self._save(self.last_path, list(self.log.history),
                        mid_epoch={"batch": done, "loss_sum": float(loss_sum), "n_batches": n_batches,
-                                  "n_samples": n_samples, "extra_sums": dict(extra_sums)})
+                                  "n_samples": n_samples, "extra_sums": dict(extra_sums), "skipped": skipped})
         barrier(self.info)
 
-    def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> bool:
-        """Stop before the update when the loss is NaN/inf on any process; returns whether any
-        process was asked to stop (Ctrl-C), so that all of them stop at the same step."""
+    def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> tuple[bool, bool]:
+        """(stop, bad): whether any process was asked to stop (Ctrl-C), so that all of them stop at
+        the same step, and whether the loss is NaN/inf on any process. A bad loss stops the run
+        before the update, or (nonfinite="skip") drops this update on every process."""
         bad = not bool(torch.isfinite(loss.detach()).all())
         stop = self._stop
         if self.info.enabled:
             bad, stop = any_rank([bad, stop], self.info)
-        if bad:
+        if bad and self.nonfinite == "stop":
             raise TrainingDiverged(
                 f"loss became {loss.detach().float().item():g} at epoch {epoch + 1}, batch {i + 1}: training stopped "
                 f"before the update; the last good checkpoint is {self.last_path}"
                 + ("" if self.last_path.exists() else " (none written yet)"))
-        return stop
+        return stop, bad
 
-    def _optimizer_step(self, epoch: int, i: int) -> None:
+    def _optimizer_step(self, epoch: int, i: int) -> bool:
+        """One update; False when nonfinite="skip" dropped it for NaN/inf gradients."""
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
             if not torch.isfinite(norm) and not self.scaler.is_enabled():
+                if self.nonfinite == "skip":
+                    return False
                 raise TrainingDiverged(
                     f"gradient norm became {float(norm):g} at epoch {epoch + 1}, batch {i + 1}: training "
                     f"stopped before the update; the last good checkpoint is {self.last_path}")
@@ -369,4 +390,5 @@ class Trainer:
         if self.scheduler is not None and self.scheduler_interval == "step" \
                 and not isinstance(self.scheduler, ReduceLROnPlateau):
             self.scheduler.step()
+        return True
 

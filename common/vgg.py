@@ -17,8 +17,9 @@ from common.io import UserError, load_untrusted
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHS = {"vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1),
-         "vgg19": (torchvision.models.vgg19, torchvision.models.VGG19_Weights.IMAGENET1K_V1)}
+# torchvision's layer configurations ("D" = VGG16, "E" = VGG19) and weight files
+ARCHS = {"vgg16": ("D", torchvision.models.VGG16_Weights.IMAGENET1K_V1),
+         "vgg19": ("E", torchvision.models.VGG19_Weights.IMAGENET1K_V1)}
 
 
 class WeightsUnavailable(UserError):
@@ -57,15 +58,18 @@ class VGGFeatures(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}")
-        net = ARCHS[arch][0](weights=None)
+        # the convolutional part only: the classifier would add 120 M parameters nobody uses
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[ARCHS[arch][0]])
         if weights == "imagenet":
-            net.load_state_dict(imagenet_state_dict(arch))
+            sd = imagenet_state_dict(arch)
+            features.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()
+                                      if k.startswith("features.")})
         elif weights is not None:
             raise ValueError("weights must be 'imagenet' or None")
         self.layers = tuple(sorted(set(layers)))
-        if not self.layers or self.layers[0] < 0 or self.layers[-1] >= len(net.features):
-            raise ValueError(f"layers must be indices into {arch}.features (0..{len(net.features) - 1})")
-        self.features = net.features[: self.layers[-1] + 1]
+        if not self.layers or self.layers[0] < 0 or self.layers[-1] >= len(features):
+            raise ValueError(f"layers must be indices into {arch}.features (0..{len(features) - 1})")
+        self.features = features[: self.layers[-1] + 1]
         self.normalize, self.resize = normalize, resize
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

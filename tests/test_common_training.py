@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,40 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert seen == {"channels_last": True, "dtype": torch.bfloat16}
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, before)
+
+
+def test_nonfinite_skip_drops_only_those_updates_and_counts_them(tmp_path):
+    from common.trainer import Trainer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        loss = _ce(m, batch)
+        return loss * float("nan") if calls["n"] % 4 == 2 else loss  # the 2nd of every 4 batches
+
+    trainer = Trainer(model, opt, _loader(), loss_fn, out_dir=tmp_path, epochs=3, device=torch.device("cpu"),
+                      progress=False, nonfinite="skip")
+    result = trainer.fit()
+    assert [r["skipped_steps"] for r in result["history"]] == [1, 1, 1]
+    assert trainer.step == 9 and opt.state[model[1].weight]["step"] == 9  # Adam saw only the good ones
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(np.isfinite(r["train_loss"]) for r in result["history"])
+
+
+def test_any_worker_count_gives_the_same_run(tmp_path):
+    """Augmentation is drawn per (seed, epoch, index): --workers may change, also on a resume."""
+    tiny(*FAST, "--epochs", 2, "--workers", 0, "--out", tmp_path / "w0", "--threads", 1)
+    tiny(*FAST, "--epochs", 2, "--workers", 2, "--out", tmp_path / "w2", "--threads", 1)
+    assert_bit_identical(model_state(tmp_path / "w0" / "last.pt"), model_state(tmp_path / "w2" / "last.pt"))
+
+
+def test_metrics_are_full_precision_under_autocast():
+    from common.metrics import psnr, ssim
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ssim(a, b), psnr(a, b)
+    assert torch.equal(inside[0], ssim(a, b)) and torch.equal(inside[1], psnr(a, b))
