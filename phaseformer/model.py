@@ -38,11 +38,15 @@ UNUSED_MODULES = ("ups2", "attention.3")  # hold parameters in official files; f
 
 
 # ---------------------------------------------------------------- phase-only arithmetic
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def unit_spectrum(x: torch.Tensor) -> torch.Tensor:
     """F/|F| of the real 2-D FFT of x over its last two dims (F = 0 -> 1), as a real tensor
-    (..., H, W//2+1, 2) in fp32."""
+    (..., H, W//2+1, 2) in fp32 (fp64 for fp64 inputs)."""
     with torch.autocast(x.device.type, enabled=False):
-        spec = torch.fft.rfft2(x.float())
+        spec = torch.fft.rfft2(_fp32_or_wider(x))
         unit = torch.sgn(spec)                          # F/|F|, and 0 where F == 0 ...
         unit = unit + (spec == 0).to(unit.dtype)        # ... where angle(0) = 0 means the value 1
         return torch.view_as_real(unit)
@@ -80,7 +84,7 @@ def phase_only_mean(x: torch.Tensor) -> torch.Tensor:
     """Spatial mean of phase_only(x), (B, C, 1, 1): the DC bin's unit value over H*W."""
     h, w = x.shape[-2:]
     with torch.autocast(x.device.type, enabled=False):
-        total = x.detach().float().sum((-2, -1), keepdim=True)
+        total = _fp32_or_wider(x.detach()).sum((-2, -1), keepdim=True)
         return torch.where(total >= 0, 1.0, -1.0) / (h * w)
 
 
@@ -120,7 +124,8 @@ class MDTA(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv_conv(self.qkv(x))
         v = qkv[:, 2 * c:]
-        logits = phase_gram(qkv[:, :2 * c], self.num_heads) * self.temperature.float()
+        gram = phase_gram(qkv[:, :2 * c], self.num_heads)
+        logits = gram * self.temperature.to(gram.dtype)
         attn = torch.softmax(logits, dim=-1)
         out = attn.to(v.dtype) @ v.reshape(b, self.num_heads, c // self.num_heads, h * w)
         return self.project_out(out.reshape(b, c, h, w))
