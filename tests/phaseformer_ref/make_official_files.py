@@ -12,6 +12,8 @@ Files, per module name M:
   M_state_dict.pth / M_state_dict_module.pth  state_dicts without / with DataParallel's module. prefix
   M_state_dict_cuda_legacy.pth                legacy-format state_dict from cuda:0
   M_reference.pt                              inputs and both outputs of the model (plain tensors)
+With --evil MARKER, also M_evil_nested_{zip,legacy}.pth: a genuine-looking whole model with one
+extra attribute whose unpickling would run os.system("touch MARKER").
 """
 import argparse
 import importlib.util
@@ -31,6 +33,17 @@ def register_transcription(module_name):
     return module
 
 
+class RunsACommand:
+    """Pickles as os.system(command): what a malicious checkpoint hides inside a model."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
 def save_as_if_on_gpu(obj, path, legacy):
     """torch.save with every storage's location recorded as cuda:0 (what a release file holds)."""
     real = torch.serialization.location_tag
@@ -47,6 +60,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", nargs="+", default=["16x24", "32x40"])
     p.add_argument("--modules", nargs="+", default=["model_with_eca", "phaseformer"])
+    p.add_argument("--evil", default=None, help="marker file the nested-evil pickles would create")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(args.modules):
@@ -69,6 +83,10 @@ def main():
             outs = [model(x) for x in inputs]
         torch.save({"inputs": inputs, "out_1x": [o[0] for o in outs], "out_2x": [o[1] for o in outs]},
                    out / f"{name}_reference.pt")
+        if args.evil:
+            model.hooks_config = RunsACommand(f"touch {args.evil}")
+            torch.save(model, out / f"{name}_evil_nested_zip.pth")
+            torch.save(model, out / f"{name}_evil_nested_legacy.pth", _use_new_zipfile_serialization=False)
         del sys.modules[name]
     print("ok")
 
