@@ -113,14 +113,10 @@ def ssim_window(side: int) -> int:
     return min(11, side if side % 2 else side - 1)
 
 
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int | None = None,
-            eps: float = 1e-6) -> torch.Tensor:
-    """MS-SSIM (Wang et al. 2003; pytorch-msssim's definition) per image, in fp32.
-
-    Differences to pytorch-msssim's ms_ssim: the window defaults to msssim_window(smaller side), or
-    single-scale SSIM for images too small for 5 scales; and cs / ssim are clamped at `eps` instead
-    of 0 before the fractional powers, so their gradient is 0 there instead of 0 * inf = NaN (the
-    values are identical whenever every cs > eps, i.e. for any sensible pair).
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int | None = None) -> torch.Tensor:
+    """MS-SSIM per image, in fp32: pytorch-msssim's definition (5 scales, Gaussian sigma 1.5,
+    'valid' filtering, cs and ssim clamped at 0), except that the window defaults to
+    msssim_window(smaller side) and images too small for 5 scales get single-scale SSIM.
     """
     with torch.autocast(x.device.type, enabled=False):
         x, y = x.float(), y.float()
@@ -135,11 +131,11 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: i
         for level in range(len(MSSSIM_WEIGHTS)):
             ssim, cs = _ssim_maps(x, y, win, data_range)
             if level < len(MSSSIM_WEIGHTS) - 1:
-                factors.append(cs.clamp_min(eps))
+                factors.append(torch.relu(cs))
                 padding = [s % 2 for s in x.shape[2:]]
                 x = F.avg_pool2d(x, kernel_size=2, padding=padding)
                 y = F.avg_pool2d(y, kernel_size=2, padding=padding)
-        factors.append(ssim.clamp_min(eps))
+        factors.append(torch.relu(ssim))
         value = torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0)  # (batch, channel)
         return value.mean(1)
 
