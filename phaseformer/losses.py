@@ -172,10 +172,13 @@ class UncertaintyWeighting(nn.Module):
     on the smallest term. s is clamped to [-6, 6] so weights also stay finite as a term nears 0.
     """
 
-    def __init__(self, keys: list[tuple[str, str]]):
+    def __init__(self, keys: list[tuple[str, str]], mean_over_processes=None):
         super().__init__()
         self.keys = list(keys)
         self.log_vars = nn.Parameter(torch.zeros(len(self.keys)))
+        # under torchrun: the terms' mean over all processes (the weights are not in DDP, so their
+        # gradient must come from the global loss to stay identical on every process)
+        self.mean_over_processes = mean_over_processes
 
     def clamped(self) -> torch.Tensor:
         return self.log_vars.clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
@@ -187,7 +190,13 @@ class UncertaintyWeighting(nn.Module):
     def forward(self, losses: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
         s = self.clamped()
         stacked = torch.stack([losses[k].float() for k in self.keys])
-        return (0.5 * torch.exp(-s) * stacked + 0.5 * s).sum()
+        if self.mean_over_processes is None:
+            return (0.5 * torch.exp(-s) * stacked + 0.5 * s).sum()
+        # same value; the model's gradient from the local terms (DDP averages it), the weights'
+        # gradient from the global mean of the terms
+        weight = 0.5 * torch.exp(-s)
+        global_terms = self.mean_over_processes(stacked.detach())
+        return (weight.detach() * stacked + (weight - weight.detach()) * global_terms + 0.5 * s).sum()
 
 
 class PhaseformerLoss(nn.Module):
@@ -197,7 +206,8 @@ class PhaseformerLoss(nn.Module):
     `terms` may leave out 'perceptual' (no VGG weights available).
     """
 
-    def __init__(self, weighting: str = "fixed", terms=TERMS, perceptual: PerceptualLoss | None = None):
+    def __init__(self, weighting: str = "fixed", terms=TERMS, perceptual: PerceptualLoss | None = None,
+                 mean_over_processes=None):
         super().__init__()
         terms = tuple(terms)
         unknown = set(terms) - set(TERMS)
@@ -214,7 +224,7 @@ class PhaseformerLoss(nn.Module):
         if weighting == "fixed":
             self.weighting = FixedWeighting(keys)
         elif weighting == "learned":
-            self.weighting = UncertaintyWeighting(keys)
+            self.weighting = UncertaintyWeighting(keys, mean_over_processes)
         else:
             raise ValueError(f"weighting must be 'fixed' or 'learned' (got {weighting!r})")
 
