@@ -40,7 +40,8 @@ from common.metrics import psnr, ssim
 from common.schedulers import constant_then_linear_decay
 from common.trainer import Trainer
 from common.vgg import WeightsUnavailable
-from phaseformer.data import BUILTIN_VERSION, SAMPLINGS, PairDataset, make_builtin_dataset, resolve_dataset
+from phaseformer.data import (BUILTIN_VERSION, SAMPLINGS, EpochSampler, PairDataset, make_builtin_dataset,
+                              resolve_dataset)
 from phaseformer.losses import TERMS, PERCEPTUAL_VARIANTS, PerceptualLoss, PhaseformerLoss
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
 from phaseformer.official import load_weights
@@ -195,9 +196,12 @@ def main(argv=None):
     opt = SkippingAdam(groups, lr=args.lr, betas=(args.beta1, 0.999))
     sched = constant_then_linear_decay(opt, plan["niter"], plan["niter_decay"])
 
-    train_set = PairDataset(train_pairs, plan["image_size"], plan["sampling"], train=True)
+    train_set = PairDataset(train_pairs, plan["image_size"], plan["sampling"], train=True, seed=args.seed)
     val_set = PairDataset(val_pairs, plan["val_size"], "resize")
-    loader = train_loader(train_set, plan["batch_size"], seed=args.seed, workers=args.workers, info=run.info)
+    sampler = EpochSampler(train_set, num_replicas=run.info.world_size, rank=run.info.rank, shuffle=True,
+                           seed=args.seed)
+    loader = train_loader(train_set, plan["batch_size"], seed=args.seed, workers=args.workers, info=run.info,
+                          sampler=sampler)
     val_loader = eval_loader(val_set, plan["batch_size"], workers=args.workers, info=run.info)
     if main_rank:
         print(f"model: Phaseformer, {sum(p.numel() for p in trainable):,} trainable parameters; "
