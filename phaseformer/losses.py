@@ -28,7 +28,7 @@ FIXED_WEIGHTS = {"charbonnier": 0.03, "perceptual": 0.025, "laplacian": 0.02, "m
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 # VGG features: trains.py's VGG19 features[:35] (conv5_4 before its ReLU); the official utils.py's
 # VGG16 relu1_2, relu2_2, relu3_3, relu4_3 on a 224x224 bilinear resize
-PERCEPTUAL_VARIANTS = {"vgg19": ("vgg19", (34,), None), "vgg16": ("vgg16", (3, 8, 15, 22), 224)}
+PERCEPTUAL_VARIANTS = {"vgg19": ("vgg19", (34,), None), "vgg16": ("vgg16", (3, 8, 15, 22), (224, 224))}
 LOG_VAR_BOUND = 6.0  # learned weights 0.5*exp(-s) stay within [1.2e-3, 202]
 
 

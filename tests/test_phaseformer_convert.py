@@ -89,9 +89,10 @@ def test_cli_converts_a_phaseformer_named_pickle_from_inside_the_repo(files, tmp
     assert "1,783,800 parameters" in res.stdout
     sd = torch.load(dst, weights_only=True)
     assert _max_diff_to_reference(sd, out / "phaseformer_reference.pt") <= 1e-4
-    again = run_script("scripts/convert_phaseformer.py", out / "phaseformer_state_dict.pth", dst)
-    assert again.returncode == 2 and "already exists" in again.stderr and torch.equal(
-        torch.load(dst, weights_only=True)["output.weight"], sd["output.weight"])
+    from scripts.convert_phaseformer import convert
+    with pytest.raises(UserError, match="already exists"):
+        convert(out / "phaseformer_state_dict.pth", dst)
+    assert torch.equal(torch.load(dst, weights_only=True)["output.weight"], sd["output.weight"])
 
 
 # ---------------------------------------------------------------- malicious files

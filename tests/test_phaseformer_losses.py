@@ -9,8 +9,11 @@ import pytest
 import pytorch_msssim
 import torch
 
+import torch.nn.functional as F
+
 from phaseformer.losses import (FIXED_WEIGHTS, LOG_VAR_BOUND, CharbonnierLoss, FixedWeighting, LaplacianLoss,
-                                MSSSIMLoss, PhaseformerLoss, UncertaintyWeighting, ms_ssim, msssim_window)
+                                MSSSIMLoss, PerceptualLoss, PhaseformerLoss, UncertaintyWeighting, ms_ssim,
+                                msssim_window)
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
 from fixtures import one_thread  # noqa: E402,F401
@@ -140,3 +143,58 @@ def test_phaseformer_loss_both_heads_terms_and_learnable_weights():
     assert set(learned.weights()) == {f"w_{h}_{t}" for h in ("1x", "2x") for t in terms}
     with pytest.raises(ValueError, match="needs a PerceptualLoss"):
         PhaseformerLoss("fixed")
+
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def vgg19_loss():
+    torch.manual_seed(0)
+    return PerceptualLoss("vgg19", weights=None)   # random weights: no network here
+
+
+def test_perceptual_vgg19_is_the_training_scripts_features_35_on_normalised_inputs(vgg19_loss):
+    """trains.py: l1(vgg19.features[:35](x), vgg19.features[:35](y)), here on ImageNet-normalised
+    inputs (the script fed raw [0,1] images)."""
+    loss = vgg19_loss
+    features = loss.features.features
+    assert len(features) == 35 and isinstance(features[34], torch.nn.Conv2d)      # conv5_4, before its ReLU
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 48, 40, generator=g), torch.rand(2, 3, 48, 40, generator=g)
+    norm = lambda t: (t - IMAGENET_MEAN) / IMAGENET_STD  # noqa: E731
+    want = F.l1_loss(features(norm(x)), features(norm(y)))
+    assert loss(x, y).item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss(x, x).item() == 0.0
+
+
+def test_perceptual_vgg16_is_the_official_four_layer_variant():
+    """utils.VGGPerceptualLoss: ImageNet normalisation, bilinear resize to 224, blocks [:4], [4:9],
+    [9:16], [16:23] of VGG16 (relu1_2 ... relu4_3), the L1 of each summed."""
+    torch.manual_seed(0)
+    loss = PerceptualLoss("vgg16", weights=None)
+    vgg = loss.features.features
+    blocks = [vgg[:4], vgg[4:9], vgg[9:16], vgg[16:23]]
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(1, 3, 40, 56, generator=g), torch.rand(1, 3, 40, 56, generator=g)
+
+    def official(a, b):
+        a, b = (a - IMAGENET_MEAN) / IMAGENET_STD, (b - IMAGENET_MEAN) / IMAGENET_STD
+        a = F.interpolate(a, mode="bilinear", size=(224, 224), align_corners=False)
+        b = F.interpolate(b, mode="bilinear", size=(224, 224), align_corners=False)
+        total = 0.0
+        for block in blocks:
+            a, b = block(a), block(b)
+            total += F.l1_loss(a, b)
+        return total
+
+    assert loss(x, y).item() == pytest.approx(official(x, y).item(), rel=1e-5)
+
+
+def test_perceptual_network_is_frozen_and_stays_in_eval_mode(vgg19_loss):
+    loss = vgg19_loss.train()
+    assert not loss.features.training and not any(p.requires_grad for p in loss.parameters())
+    pred = torch.rand(1, 3, 32, 32, requires_grad=True)
+    loss(pred, torch.rand(1, 3, 32, 32)).backward()
+    assert pred.grad.abs().sum() > 0

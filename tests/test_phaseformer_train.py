@@ -1,8 +1,10 @@
 """phaseformer/train.py: a short run on LSUI-layout data with every output checked, exact resume
 with the optimizer and schedule, NaN/inf updates skipped and counted, the loss weights really
 trained, bad flags in one line; the one-minute demo (slow)."""
+import contextlib
 import copy
 import csv
+import io
 import os
 import signal
 import sys
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from common.io import UserError
+from common.vgg import WeightsUnavailable
 from phaseformer import train
 from phaseformer.data import make_builtin_dataset
 from phaseformer.losses import PhaseformerLoss
@@ -24,6 +27,18 @@ FAST = ["--image-size", "32", "--batch-size", "4", "--workers", "0", "--no-progr
         "--niter", "0", "--niter-decay", "2"]
 
 
+def run_train(argv):
+    """train.main as a user runs it, except that VGG ImageNet weights count as unavailable (as on a
+    machine without network): the run leaves the perceptual term out, says so, and nothing is
+    downloaded by the tests."""
+    def unavailable(*a, **k):
+        raise WeightsUnavailable("VGG19 ImageNet weights unavailable: vgg19-dcbb9e9d.pth (test)")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "PerceptualLoss", unavailable)
+        return train.main(argv)
+
+
 @pytest.fixture(scope="module")
 def lsui(tmp_path_factory):
     root = tmp_path_factory.mktemp("lsui")
@@ -31,15 +46,28 @@ def lsui(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def straight(lsui, tmp_path_factory):
+    """An uninterrupted 2-epoch run: checked in full, and the reference for the resume test."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_train([*_args(lsui), "--out", str(out), "--sampling", "crop"])
+    (out.parent / "stdout.txt").write_text(printed.getvalue())
+    return out
+
+
+def _args(lsui):
+    return ["--data", str(lsui), "--val-count", "2", "--epochs", "2", *FAST]
+
+
 def _log(run: Path) -> list[dict]:
     with open(run / "log.csv") as f:
         return list(csv.DictReader(f))
 
 
-def test_short_run_writes_everything_and_trains_the_loss_weights(lsui, tmp_path):
-    out = tmp_path / "run"
-    train.main(["--data", str(lsui), "--out", str(out), "--epochs", "2", "--val-count", "2", "--sampling", "crop",
-                *FAST])
+def test_short_run_writes_everything_and_trains_the_loss_weights(straight):
+    out = straight
     rows = _log(out)
     assert len(rows) == 2
     for key in ("val_psnr", "val_ssim", "val_psnr_2x", "val_psnr_input", "val_ssim_input", "skipped_steps",
@@ -56,19 +84,21 @@ def test_short_run_writes_everything_and_trains_the_loss_weights(lsui, tmp_path)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     model = build_model()
     model.load_state_dict(ckpt["model"], strict=True)                            # a plain Phaseformer
-    assert ckpt["config"]["run_loss_terms"] == ["charbonnier", "laplacian", "msssim"]  # no VGG weights here
+    assert ckpt["config"]["run_loss_terms"] == ["charbonnier", "laplacian", "msssim"]  # no VGG weights
+    printed = (out.parent / "stdout.txt").read_text()
+    assert "training without the perceptual term" in printed and "the input itself scores" in printed
     assert ckpt["extra"]["phaseformer"]["loss_weighting"]["log_vars"].shape == (6,)
     groups = ckpt["optimizer"]["param_groups"]                                   # ups2 / attention.3: kept,
     assert len(groups[0]["params"]) == len(list(model.parameters())) - 2        # not trained (DDP-safe)
     assert len(groups[1]["params"]) == 1                                         # the loss weights
 
 
-def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, tmp_path, monkeypatch):
-    """Ctrl-C in epoch 2 saves a mid-epoch last.pt; the resume ends bit-identical to a straight run
-    (the original reloaded the weights only and restarted the lr schedule)."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["--data", str(lsui), "--val-count", "2", "--sample-every", "0", "--epochs", "2", *FAST]
-    train.main([*common, "--out", str(straight)])
+def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, straight, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2 saves a mid-epoch last.pt; the resume (here with DataLoader workers, the
+    runs had none) ends bit-identical to the straight run (the original reloaded the weights only
+    and restarted the lr schedule)."""
+    split = tmp_path / "split"
+    common = [*_args(lsui), "--sampling", "crop"]
 
     real_forward = PhaseformerLoss.forward
     calls = {"n": 0}
@@ -82,7 +112,7 @@ def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, tmp_p
     with monkeypatch.context() as m:
         m.setattr(PhaseformerLoss, "forward", forward)
         with pytest.raises(KeyboardInterrupt):
-            train.main([*common, "--out", str(split)])
+            run_train([*common, "--out", str(split)])
     interrupted = torch.load(split / "last.pt", weights_only=True)
     assert interrupted["epoch"] == 1 and interrupted["extra"]["trainer"]["mid_epoch"]["batch"] == 1
     with pytest.raises(UserError, match="--lr 0.002 \\(the checkpoint has 0.001\\)"):
@@ -139,8 +169,8 @@ def test_non_finite_losses_are_skipped_and_counted(lsui, tmp_path, monkeypatch, 
     monkeypatch.setattr(PhaseformerLoss, "forward", forward)
     monkeypatch.setattr(train, "build_model", build)
     out = tmp_path / "run"
-    train.main(["--data", str(lsui), "--out", str(out), "--epochs", "2", "--val-count", "2", "--save-every", "1",
-                "--sample-every", "0", *FAST])
+    run_train(["--data", str(lsui), "--out", str(out), "--epochs", "2", "--val-count", "2", "--save-every", "1",
+               "--sample-every", "0", *FAST])
     rows = _log(out)
     assert [r["skipped_steps"] for r in rows] == ["2", "0"]
     first = torch.load(out / "epoch_0001.pt", weights_only=True)
@@ -160,7 +190,7 @@ def test_bad_flags_and_data_in_one_line(lsui, tmp_path, run_script):
                           (["--split", "s.txt", "--val-count", "3"], "alternatives"),
                           (["--data", str(tmp_path)], "no paired images found")):
         with pytest.raises(UserError, match=message):
-            train.main([*argv, "--out", str(tmp_path / "never")] + ([] if "--data" in argv else ["--data", str(lsui)]))
+            run_train([*argv, "--out", str(tmp_path / "never")] + ([] if "--data" in argv else ["--data", str(lsui)]))
     with pytest.raises(SystemExit):
         train.parse_args(["--beta1", "1.0"])
     assert not (tmp_path / "never").exists()
