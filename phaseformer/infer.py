@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from common import cli
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import AMP_CHOICES, amp_dtype, autocast, select_device
-from common.io import UserError, atomic_write_text, image_to_tensor, load_image, run_cli, save_image
+from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image, run_cli,
+                       save_image)
 from common.metrics import psnr, ssim
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
 from phaseformer.official import load_weights
@@ -161,27 +163,30 @@ def _metrics(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
     p.add_argument("--weights", type=Path, required=True,
                    help="our checkpoint, a converted file, or an official release file")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/phaseformer/infer-<time>)")
     p.add_argument("--preset", choices=("ours", "official"), default="ours")
     p.add_argument("--head", choices=("1x", "2x"), default=None, help="output head (default 1x; official: 2x)")
-    p.add_argument("--tile", type=int, default=512, help="tile size in px for large images (multiple of 8)")
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in px")
+    p.add_argument("--tile", type=cli.int_range(64), default=512,
+                   help="tile size in px for large images (a multiple of 8)")
+    p.add_argument("--overlap", type=cli.NONNEG_INT, default=32, help="tile overlap in px (at most a quarter tile)")
     p.add_argument("--gt", type=Path, default=None, help="reference images (same names) for --metrics")
     p.add_argument("--metrics", action="store_true", help="PSNR / SSIM against --gt into metrics.csv/json")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=AMP_CHOICES, help="autocast dtype (the FFTs stay fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    cli.add_threads_arg(p)
+    cli.add_max_pixels_arg(p)
     return p.parse_args(argv)
 
 
 def validate(args) -> None:
-    if args.tile < 64 or args.tile % DOWNSAMPLE_FACTOR:
-        raise UserError(f"--tile {args.tile}: must be a multiple of {DOWNSAMPLE_FACTOR} and at least 64")
-    if not 0 <= args.overlap <= args.tile // 4:
+    if args.tile % DOWNSAMPLE_FACTOR:
+        raise UserError(f"--tile {args.tile}: must be a multiple of {DOWNSAMPLE_FACTOR}")
+    if args.overlap > args.tile // 4:
         raise UserError(f"--overlap {args.overlap}: must be between 0 and a quarter of --tile ({args.tile // 4})")
     if args.metrics and args.gt is None:
         raise UserError("--metrics needs --gt DIR (reference images with the same names)")
@@ -194,15 +199,12 @@ def validate(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
+    cli.apply_runtime_args(args)
     head = args.head or ("2x" if args.preset == "official" else "1x")
     out_dir = args.out or Path("runs") / "phaseformer" / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
     items = collect_inputs(args.inputs)
-    targets = [out_dir / name for _, name in items] + \
-              ([out_dir / "metrics.csv", out_dir / "metrics.json"] if args.metrics else [])
-    existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists ({len(existing)} output file(s) would be replaced); "
-                        f"choose another --out or pass --overwrite")
+    check_output_dir(out_dir, [name for _, name in items] + (["metrics.csv", "metrics.json"] if args.metrics else []),
+                     args.overwrite)
     references = {name: find_reference(args.gt, name) for _, name in items} if args.metrics else {}
 
     device = select_device(args.device)

@@ -18,10 +18,10 @@ Note: the release weights were trained on [-1, 1] inputs at 512 px and are meant
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common.io import UserError, atomic_torch_save, run_cli
+from common.cli import ArgumentParser
+from common.io import UserError, atomic_torch_save, check_output_file, run_cli
 from phaseformer.model import build_model
 from phaseformer.official import read_weights
 
@@ -29,10 +29,7 @@ from phaseformer.official import read_weights
 def convert(src: Path, dst: Path, overwrite: bool = False) -> dict:
     if dst.exists() and src.resolve() == dst.resolve():
         raise UserError(f"{dst}: output would overwrite the input")
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; choose another output or pass --overwrite")
-    if dst.exists() and dst.is_dir():
-        raise UserError(f"{dst}: is a folder")
+    check_output_file(dst, overwrite, flag="OUT")
     sd, info = read_weights(src)
     build_model().load_state_dict(sd, strict=True)  # the file we write is known to load
     atomic_torch_save(sd, dst)
@@ -42,7 +39,7 @@ def convert(src: Path, dst: Path, overwrite: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", type=Path, help="official best.pth, or a netG_model_epoch_N.pth state_dict")
     ap.add_argument("output", type=Path, help="plain state_dict to write")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
