@@ -198,3 +198,43 @@ def test_perceptual_network_is_frozen_and_stays_in_eval_mode(vgg19_loss):
     pred = torch.rand(1, 3, 32, 32, requires_grad=True)
     loss(pred, torch.rand(1, 3, 32, 32)).backward()
     assert pred.grad.abs().sum() > 0
+
+
+def test_ssim_metric_is_per_channel_gaussian_not_the_removed_multichannel_flag():
+    """Validation and infer.py report common.metrics.ssim: Gaussian window 11, sigma 1.5, per
+    channel, averaged (independent numpy reference below). trains.py called skimage with the removed
+    `multichannel=True, win_size=3`, which current skimage swallows silently and computes as a 3-D
+    volume with a 3x3x3 window: a different number."""
+    from scipy.ndimage import uniform_filter
+    from scipy.signal import convolve2d
+
+    from common.metrics import ssim
+
+    from phaseformer.data import clean_scene, underwater
+
+    rng = np.random.default_rng(0)
+    clean, depth = clean_scene(rng, 48)
+    a, b = underwater(clean, depth, rng).transpose(2, 0, 1), clean.transpose(2, 0, 1).astype(np.float64)
+    x, y = torch.from_numpy(a)[None].float(), torch.from_numpy(b)[None].float()
+    k = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(k, k) / np.outer(k, k).sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def per_channel(p, q):
+        f = lambda t: convolve2d(t, w, mode="valid")  # noqa: E731
+        mp, mq = f(p), f(q)
+        vp, vq, cov = f(p * p) - mp ** 2, f(q * q) - mq ** 2, f(p * q) - mp * mq
+        return (((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))).mean()
+
+    want = np.mean([per_channel(a[c], b[c]) for c in range(3)])
+    assert float(ssim(x, y)) == pytest.approx(want, abs=1e-5)
+
+    def volume_3x3x3(p, q):  # skimage semantics of the removed flag: one 3-D image, uniform 3x3x3
+        f = lambda t: uniform_filter(t, size=3)  # noqa: E731
+        mp, mq = f(p), f(q)
+        n = 27 / 26                                 # skimage's sample covariance
+        vp, vq, cov = n * (f(p * p) - mp ** 2), n * (f(q * q) - mq ** 2), n * (f(p * q) - mp * mq)
+        s = ((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))
+        return s[1:-1, 1:-1, 1:-1].mean()
+
+    assert abs(volume_3x3x3(a, b) - want) > 0.01
