@@ -163,6 +163,9 @@ def main(argv=None):
     args = parse_args(argv)
     resumed = load_checkpoint(args.resume) if args.resume is not None else None
     stored = resumed["config"] if resumed is not None else None
+    if stored is not None and stored.get("task") != TASK:
+        raise UserError(f"{args.resume}: not a phaseformer training checkpoint "
+                        f"(its config names task {stored.get('task')!r})")
     plan = plan_run(args, stored)
     data_dir = args.data
     if data_dir is None:
@@ -237,8 +240,9 @@ def main(argv=None):
         return sum(p.sum() for p in trainable) * 0.0, {}
 
     def metrics(pred, target):
-        pred = pred.float().clamp(0, 1)
-        return psnr(pred, target), ssim(pred, target, size_average=False)
+        with torch.autocast(run.device.type, enabled=False):  # evaluate() runs under the training autocast
+            pred = pred.float().clamp(0, 1)
+            return psnr(pred, target), ssim(pred, target.float(), size_average=False)
 
     baseline = {}
 

@@ -291,19 +291,29 @@ def bench_gpu(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------- phaseformer
+PROFILE_GROUPS = (  # group -> op names (or, for fft / conv / layer_norm / gelu, name fragments)
+    ("fft", ("fft",)),
+    ("conv", ("conv",)),
+    ("matmul", ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul")),
+    ("layernorm+gelu", ("layer_norm", "gelu")),
+    ("phase arithmetic", ("aten::angle", "aten::exp", "aten::sgn", "aten::abs", "aten::real", "aten::eq",
+                          "aten::where", "aten::linalg_vector_norm", "aten::view_as_real", "aten::complex")),
+    ("copies", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy")),
+)
+
+
 def _profile_split(fn) -> dict:
-    """Share of CPU self-time per kind of op in one call of fn."""
+    """Share of CPU self-time per group of ops in one call of fn."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    groups = {"fft": 0.0, "conv": 0.0, "matmul": 0.0, "other": 0.0}
+    groups = {g: 0.0 for g, _ in PROFILE_GROUPS} | {"other": 0.0}
     for e in prof.key_averages():
-        name = e.key
-        if not name.startswith("aten::"):
+        if not e.key.startswith("aten::"):
             continue
-        kind = ("fft" if "fft" in name else "conv" if "conv" in name else
-                "matmul" if name in ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul") else "other")
-        groups[kind] += e.self_cpu_time_total
+        group = next((g for g, parts in PROFILE_GROUPS
+                      if any(e.key == p or (not p.startswith("aten::") and p in e.key) for p in parts)), "other")
+        groups[group] += e.self_cpu_time_total
     total = sum(groups.values()) or 1.0
     return {k: v / total for k, v in groups.items()}
 
@@ -375,8 +385,8 @@ def bench_phaseformer(args) -> list[dict]:
                          "speedup_vs_official": best["official transcription"] / best[k],
                          "max_abs_diff_vs_official": diffs[k],
                          **{f"time_{g}": v for g, v in split.items()}})
-            print(f"  {what} {k}: {best[k]:.3f} s, x{best['official transcription'] / best[k]:.2f}, "
-                  f"fft {split['fft']:.0%} conv {split['conv']:.0%} matmul {split['matmul']:.0%}", flush=True)
+            print(f"  {what} {k}: {best[k]:.3f} s, x{best['official transcription'] / best[k]:.2f}; time: "
+                  + ", ".join(f"{g} {v:.0%}" for g, v in split.items()), flush=True)
 
     # seams: tiled vs untiled on a synthetic underwater image small enough for both, with the
     # weights given (--weights, e.g. the demo's best.pt) or the trained-looking random ones

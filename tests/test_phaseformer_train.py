@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.checkpoint import save_checkpoint
 from common.io import UserError
 from common.vgg import WeightsUnavailable
 from phaseformer import train
@@ -147,9 +148,10 @@ def test_skipping_adam_leaves_weights_and_moments_untouched():
     assert not torch.equal(p, after)
 
 
-def test_non_finite_losses_are_skipped_and_counted(lsui, tmp_path, monkeypatch, capsys):
+def test_non_finite_losses_are_skipped_and_counted(lsui, straight, tmp_path, monkeypatch, capsys):
     """Every loss of epoch 1 is NaN: no update happens (the weights after it are the initial ones),
-    the count is logged, and epoch 2 trains normally."""
+    the count is logged, and epoch 2 trains normally. (Under bf16 autocast and channels_last, with
+    the validation metrics still computed in fp32.)"""
     real_forward = PhaseformerLoss.forward
     calls = {"n": 0}
 
@@ -170,9 +172,10 @@ def test_non_finite_losses_are_skipped_and_counted(lsui, tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "build_model", build)
     out = tmp_path / "run"
     run_train(["--data", str(lsui), "--out", str(out), "--epochs", "2", "--val-count", "2", "--save-every", "1",
-               "--sample-every", "0", *FAST])
+               "--sample-every", "0", "--amp", "bf16", "--channels-last", *FAST])
     rows = _log(out)
     assert [r["skipped_steps"] for r in rows] == ["2", "0"]
+    assert rows[0]["val_ssim_input"] == _log(straight)[0]["val_ssim_input"]     # fp32 metrics under autocast
     first = torch.load(out / "epoch_0001.pt", weights_only=True)
     assert all(torch.equal(first["model"][k], initial[k]) for k in initial)
     assert not first["optimizer"]["state"]                            # no Adam moments either
@@ -193,6 +196,10 @@ def test_bad_flags_and_data_in_one_line(lsui, tmp_path, run_script):
             run_train([*argv, "--out", str(tmp_path / "never")] + ([] if "--data" in argv else ["--data", str(lsui)]))
     with pytest.raises(SystemExit):
         train.parse_args(["--beta1", "1.0"])
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model=torch.nn.Linear(2, 2), config={"task": "crbl", "lr": 1e-3})
+    with pytest.raises(UserError, match="other.pt: not a phaseformer training checkpoint"):
+        train.main(["--resume", str(other)])
     assert not (tmp_path / "never").exists()
 
 
