@@ -185,17 +185,18 @@ def test_non_finite_losses_are_skipped_and_counted(lsui, straight, tmp_path, mon
     assert "update skipped (2 so far)" in capsys.readouterr().out
 
 
-def test_bad_flags_and_data_in_one_line(lsui, tmp_path, run_script):
-    res = run_script("phaseformer/train.py", "--image-size", "abc")
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--image-size" in res.stderr
+def test_bad_flags_and_data_in_one_line(lsui, tmp_path, capsys):
+    for bad in (["--image-size", "abc"], ["--image-size", "16"], ["--beta1", "1.0"], ["--loss-weights", "softmax"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and bad[0] in err, err
     for argv, message in ((["--image-size", "36"], "--image-size 36: must be a multiple of 8"),
                           (["--epochs", "9", "--niter", "2", "--niter-decay", "3"], "more than niter"),
                           (["--split", "s.txt", "--val-count", "3"], "alternatives"),
                           (["--data", str(tmp_path)], "no paired images found")):
         with pytest.raises(UserError, match=message):
             run_train([*argv, "--out", str(tmp_path / "never")] + ([] if "--data" in argv else ["--data", str(lsui)]))
-    with pytest.raises(SystemExit):
-        train.parse_args(["--beta1", "1.0"])
     other = tmp_path / "other.pt"
     save_checkpoint(other, model=torch.nn.Linear(2, 2), config={"task": "crbl", "lr": 1e-3})
     with pytest.raises(UserError, match="other.pt: not a phaseformer training checkpoint"):
