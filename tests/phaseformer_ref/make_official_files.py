@@ -61,29 +61,34 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["16x24", "32x40"])
     p.add_argument("--modules", nargs="+", default=["model_with_eca", "phaseformer"])
     p.add_argument("--evil", default=None, help="marker file the nested-evil pickles would create")
+    p.add_argument("--few", action="store_true",
+                   help="the tests' set: both formats from cuda:0 and both state_dict prefixes per module name; "
+                        "DataParallel, the legacy cuda:0 state_dict and the evil files for the first only")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(args.modules):
         official = register_transcription(name)
         model = official.trained_looking(official.Restormer(), args.seed + i).eval()
         assert type(model).__module__ == name
-        out = args.out
-        torch.save(model, out / f"{name}_whole_zip.pth")
-        torch.save(model, out / f"{name}_whole_legacy.pth", _use_new_zipfile_serialization=False)
+        out, every = args.out, not args.few or i == 0
+        if not args.few:
+            torch.save(model, out / f"{name}_whole_zip.pth")
+            torch.save(model, out / f"{name}_whole_legacy.pth", _use_new_zipfile_serialization=False)
         save_as_if_on_gpu(model, out / f"{name}_whole_cuda_zip.pth", legacy=False)
         save_as_if_on_gpu(model, out / f"{name}_whole_cuda_legacy.pth", legacy=True)
-        torch.save(torch.nn.DataParallel(model), out / f"{name}_dataparallel.pth")
         sd = model.state_dict()
         torch.save(sd, out / f"{name}_state_dict.pth")
         torch.save({f"module.{k}": v for k, v in sd.items()}, out / f"{name}_state_dict_module.pth")
-        save_as_if_on_gpu(sd, out / f"{name}_state_dict_cuda_legacy.pth", legacy=True)
+        if every:
+            torch.save(torch.nn.DataParallel(model), out / f"{name}_dataparallel.pth")
+            save_as_if_on_gpu(sd, out / f"{name}_state_dict_cuda_legacy.pth", legacy=True)
         g = torch.Generator().manual_seed(100 + i)
         inputs = [torch.rand(2, 3, *map(int, s.split("x")), generator=g) for s in args.sizes]
         with torch.no_grad():
             outs = [model(x) for x in inputs]
         torch.save({"inputs": inputs, "out_1x": [o[0] for o in outs], "out_2x": [o[1] for o in outs]},
                    out / f"{name}_reference.pt")
-        if args.evil:
+        if args.evil and every:
             model.hooks_config = RunsACommand(f"touch {args.evil}")
             torch.save(model, out / f"{name}_evil_nested_zip.pth")
             torch.save(model, out / f"{name}_evil_nested_legacy.pth", _use_new_zipfile_serialization=False)
