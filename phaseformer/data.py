@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from common.data import IMAGE_SUFFIXES
-from common.io import UserError, atomic_write_text, image_to_tensor, load_image, save_image
+from common.io import UserError, image_to_tensor, load_image, save_image
 
 BUILTIN_VERSION = "phaseformer-1"
 INPUT_DIRS = ("input", "a")
@@ -294,7 +294,3 @@ def make_builtin_dataset(root: Path, n: int = 96, size: int = 96, seed: int = 0)
         to8 = lambda a: (a * 255.0 + 0.5).astype(np.uint8)  # noqa: E731
         save_image(root / "input" / f"{i:04d}.png", to8(degraded))
         save_image(root / "GT" / f"{i:04d}.png", to8(clean))
-
-
-def write_split(path: Path, text: str) -> None:
-    atomic_write_text(path, text)

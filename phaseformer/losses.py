@@ -16,7 +16,6 @@ Fixed against the originals:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

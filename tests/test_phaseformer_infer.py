@@ -1,7 +1,6 @@
 """phaseformer/infer.py: tiling that blends exactly, outputs at the input's size, the official
 preset as the release's test.py computes it, metrics files, bad input in one line."""
 import json
-import os
 import sys
 from pathlib import Path
 
