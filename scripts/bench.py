@@ -3,6 +3,7 @@
   python scripts/bench.py common       # common Trainer vs a bare hand-written step loop
   python scripts/bench.py crbl         # CRBL vs Keras predict; EfficientNetB0 vs torchvision
   python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
+  python scripts/bench.py phaseformer  # vs a transcription of the official model; tiled 2048x2048 inference
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py all          # the CPU sections
 
@@ -289,8 +290,176 @@ def bench_gpu(args) -> list[dict]:
     return rows + bench_common(args, dev)
 
 
-SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "gpu": bench_gpu}
-CPU_SECTIONS = ["common", "crbl", "battery_ct"]
+# ---------------------------------------------------------------- phaseformer
+PROFILE_GROUPS = (  # group -> op names (or, for fft / conv / layer_norm / gelu, name fragments)
+    ("fft", ("fft",)),
+    ("conv", ("conv",)),
+    ("matmul", ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul")),
+    ("layernorm+gelu", ("layer_norm", "gelu")),
+    ("phase arithmetic", ("aten::angle", "aten::exp", "aten::sgn", "aten::abs", "aten::real", "aten::eq",
+                          "aten::where", "aten::linalg_vector_norm", "aten::view_as_real", "aten::complex")),
+    ("copies", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy")),
+)
+
+
+def _profile_split(fn) -> dict:
+    """Share of CPU self-time per group of ops in one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    groups = {g: 0.0 for g, _ in PROFILE_GROUPS} | {"other": 0.0}
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        group = next((g for g, parts in PROFILE_GROUPS
+                      if any(e.key == p or (not p.startswith("aten::") and p in e.key) for p in parts)), "other")
+        groups[group] += e.self_cpu_time_total
+    total = sum(groups.values()) or 1.0
+    return {k: v / total for k, v in groups.items()}
+
+
+def _phaseformer_tiled_memory(size: int, tile: int, head: str) -> dict:
+    """Peak resident memory of a tiled restore of a size x size image, in a fresh process."""
+    # VmHWM (peak RSS of this process's memory map), not ru_maxrss: Linux carries the parent's
+    # ru_maxrss over fork + exec
+    code = f"""
+import re, time, torch
+torch.set_num_threads({torch.get_num_threads()})
+from phaseformer.model import build_model
+from phaseformer.infer import restore
+hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+model = build_model().eval()
+x = torch.rand(1, 3, {size}, {size})
+before = hwm()
+t0 = time.perf_counter()
+y = restore(model, x, "{head}", tile={tile}, overlap=32)
+print(before, hwm(), time.perf_counter() - t0, tuple(y.shape))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    if res.returncode != 0:
+        raise SystemExit(f"tiled inference failed:\n{res.stderr[-3000:]}")
+    before, peak, seconds, shape = res.stdout.strip().splitlines()[-1].split(" ", 3)
+    return {"what": f"tiled {head} inference {size}x{size}, tile {tile}", "peak_rss_gb": int(peak) / 2**20,
+            "rss_before_gb": int(before) / 2**20, "s": float(seconds), "output": shape}
+
+
+def bench_phaseformer(args) -> list[dict]:
+    """Forward and training step at 256x256, batch 2: ours vs a direct transcription of the official
+    model (angle + exp + complex ifft2), same weights, outputs compared; where the time goes; tiled
+    inference of a 2048x2048 image (peak memory) and the seam error of tiling on a smaller one."""
+    sys.path.insert(0, str(REPO / "tests" / "phaseformer_ref"))
+    import official_model as official
+    from phaseformer.infer import restore
+    from phaseformer.model import Phaseformer
+
+    size, bs = (64, 2) if args.quick else (256, 2)
+    reference = official.trained_looking(official.Restormer(), seed=0)
+    ours = Phaseformer()
+    ours.load_state_dict(reference.state_dict())
+    ours_cl = Phaseformer().to(memory_format=torch.channels_last)
+    ours_cl.load_state_dict(reference.state_dict())
+    x = torch.rand(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants = {"official transcription": (reference, x), "ours": (ours, x), "ours channels_last": (ours_cl, x_cl)}
+    with torch.no_grad():
+        want = reference.eval()(x)
+        diffs = {k: max((a - b).abs().max().item() for a, b in zip(m.eval()(xx), want)) for k, (m, xx) in variants.items()}
+    rows = []
+    for what in ("forward", "train step"):
+        def call(m, xx, what=what):
+            if what == "forward":
+                with torch.no_grad():
+                    m.eval()(xx)
+            else:
+                m.train().zero_grad(set_to_none=True)
+                a, b = m(xx)
+                (a.square().mean() + b.square().mean()).backward()
+        best = {k: float("inf") for k in variants}
+        for _ in range(args.repeats):  # interleaved: drift in machine load hits all alike
+            for k, (m, xx) in variants.items():
+                best[k] = min(best[k], timed(lambda: call(m, xx), 1, warmup=0))
+        for k, (m, xx) in variants.items():
+            split = _profile_split(lambda: call(m, xx))
+            rows.append({"what": what, "model": k, "size": size, "batch": bs, "s": best[k],
+                         "speedup_vs_official": best["official transcription"] / best[k],
+                         "max_abs_diff_vs_official": diffs[k],
+                         **{f"time_{g}": v for g, v in split.items()}})
+            print(f"  {what} {k}: {best[k]:.3f} s, x{best['official transcription'] / best[k]:.2f}; time: "
+                  + ", ".join(f"{g} {v:.0%}" for g, v in split.items()), flush=True)
+
+    # seams: tiled vs untiled on a synthetic underwater image small enough for both, with the
+    # weights given (--weights, e.g. the demo's best.pt) or the trained-looking random ones
+    import numpy as np
+    from phaseformer.data import clean_scene, underwater
+    from phaseformer.official import load_weights
+    seam_size, seam_tile = (192, 64) if args.quick else (512, 256)
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(underwater(*clean_scene(rng, seam_size), rng).astype(np.float32)).permute(2, 0, 1)[None]
+    if args.weights:
+        load_weights(ours, args.weights)
+    ours.eval()
+    for head in ("1x", "2x"):
+        whole = restore(ours, img, head, tile=seam_size).clamp(0, 1)
+        tiled = restore(ours, img, head, tile=seam_tile, overlap=32).clamp(0, 1)
+        delta = (whole - tiled).abs()
+        rows.append({"what": f"seam {head}", "size": seam_size, "tile": seam_tile, "overlap": 32,
+                     "weights": str(args.weights or "trained-looking random"),
+                     "max_abs_diff": delta.max().item(), "mean_abs_diff": delta.mean().item(),
+                     "psnr_tiled_vs_untiled": float(-10 * torch.log10(delta.square().mean()))})
+        print(f"  tiled vs untiled {head} ({seam_size} px, tile {seam_tile}, [0,1] outputs): max |d| "
+              f"{delta.max():.3g}, mean |d| {delta.mean():.3g}", flush=True)
+    big = 512 if args.quick else 2048
+    for head in ("1x", "2x"):
+        row = _phaseformer_tiled_memory(big, 256 if args.quick else 512, head)
+        rows.append(row)
+        print(f"  {row['what']}: peak RSS {row['peak_rss_gb']:.2f} GB ({row['s']:.0f} s)", flush=True)
+    if torch.cuda.is_available():
+        rows += _phaseformer_gpu(args, reference.state_dict())
+    report(rows, f"phaseformer, {torch.get_num_threads()} threads")
+    return rows
+
+
+def _phaseformer_gpu(args, state) -> list[dict]:
+    """CUDA: fp32 vs bf16 / fp16 autocast (the FFTs stay fp32), forward and training step."""
+    from phaseformer.model import Phaseformer
+
+    dev = torch.device("cuda")
+    rows = []
+    for size, bs in ((256, 8), (512, 2)):
+        model = Phaseformer().to(dev)
+        model.load_state_dict(state)
+        x = torch.rand(bs, 3, size, size, device=dev)
+        opt = torch.optim.Adam(model.parameters(), 1e-4, betas=(0.5, 0.999))
+        ref = {}
+        for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+            def forward():
+                with torch.inference_mode(), ctx():
+                    model.eval()(x)
+
+            def step():
+                model.train()
+                opt.zero_grad(set_to_none=True)
+                with ctx():
+                    a, b = model(x)
+                    loss = a.float().square().mean() + b.float().square().mean()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            t_fwd, t_step = timed(forward, args.repeats, warmup=3), timed(step, args.repeats, warmup=3)
+            ref = ref or {"fwd": t_fwd, "step": t_step}
+            rows.append({"what": "gpu", "precision": prec, "size": size, "batch": bs,
+                         "forward_img_s": bs / t_fwd, "fwd_vs_fp32": ref["fwd"] / t_fwd,
+                         "train_img_s": bs / t_step, "train_vs_fp32": ref["step"] / t_step})
+    return rows
+
+
+SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "gpu": bench_gpu,
+            "phaseformer": bench_phaseformer}
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "phaseformer"]
 
 
 def main():
@@ -300,6 +469,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu section: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="phaseformer section: weights for the tiling seam test (e.g. a demo run's best.pt)")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     args = p.parse_args()
     if args.threads:

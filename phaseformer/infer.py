@@ -1,0 +1,263 @@
+"""Restore underwater images with a Phaseformer: a folder in, restored PNGs out.
+
+  python phaseformer/infer.py --weights runs/phaseformer/.../best.pt photos/ --out restored/
+  python phaseformer/infer.py --weights best.pt photos/ --gt references/ --metrics   # + PSNR/SSIM
+  python phaseformer/infer.py --weights uieb.pth --preset official photos/           # release weights
+
+--weights takes one of our checkpoints (best.pt / last.pt), a converted file
+(scripts/convert_phaseformer.py), or an official release file / training-script state_dict
+directly (read with the same allow-list; nothing in it is run).
+
+Presets:
+  ours (default): RGB in [0, 1] at the image's own size, the 1x head (or --head 2x for twice the
+      size); images larger than --tile px on a side are processed in overlapping tiles blended
+      with linear ramps, so memory stays bounded; sizes that are not multiples of 8 are padded
+      by reflection and cropped back.
+  official: what the release's test.py does, for its checkpoints: bicubic resize to 512x512,
+      inputs in [-1, 1], the 2x head (a 1024x1024 output), saved as (x+1)/2*255 clipped and
+      truncated to 8 bits.
+--metrics with --gt DIR (reference images with the same names, the output's size) writes
+metrics.csv and metrics.json: PSNR (RGB, data range 1) and SSIM (Gaussian window 11, sigma 1.5,
+per channel), for the restored image and, as the baseline, for the input itself.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from common import cli
+from common.data import IMAGE_SUFFIXES, list_images
+from common.device import AMP_CHOICES, amp_dtype, autocast, select_device
+from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image, run_cli,
+                       save_image)
+from common.metrics import psnr, ssim
+from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
+from phaseformer.official import load_weights
+
+OFFICIAL_SIZE = 512
+MIN_SIDE = DOWNSAMPLE_FACTOR
+
+
+# ---------------------------------------------------------------- model application
+def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLE_FACTOR) -> tuple[torch.Tensor, int, int]:
+    """Pad bottom/right to multiples of `multiple` (reflection where the image allows it)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, h, w
+
+
+@torch.inference_mode()
+def run_model(model, x: torch.Tensor, head: str, device: torch.device, dtype=None) -> torch.Tensor:
+    """One forward of the chosen head on any size, on `device`; result float32 on the CPU."""
+    scale = 2 if head == "2x" else 1
+    padded, h, w = pad_to_multiple(x)
+    with autocast(device, dtype):
+        out = model(padded.to(device), head=head)
+    return out[..., : scale * h, : scale * w].float().cpu()
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap)) + [length - tile]
+    return sorted(set(starts))
+
+
+def _ramp(length: int, fade: int, at_start: bool, at_end: bool) -> torch.Tensor:
+    w = torch.ones(length)
+    if fade:
+        rise = (torch.arange(fade, dtype=torch.float32) + 0.5) / fade
+        if at_start:
+            w[:fade] = rise
+        if at_end:
+            w[-fade:] = torch.minimum(w[-fade:], rise.flip(0))
+    return w
+
+
+def restore(model, x: torch.Tensor, head: str = "1x", tile: int = 512, overlap: int = 32,
+            device: torch.device = torch.device("cpu"), dtype=None) -> torch.Tensor:
+    """(1, 3, H, W) -> (1, 3, sH, sW), s = 1 or 2 for the head; tiled when H or W exceeds `tile`.
+
+    Tiles of `tile` px overlap by at least `overlap` px; each is weighted by linear ramps across
+    the overlaps it shares with neighbours, and the weighted sum is normalised. Only one tile is on
+    the device at a time; the output accumulates on the CPU.
+    """
+    h, w = x.shape[-2:]
+    if h <= tile and w <= tile:
+        return run_model(model, x, head, device, dtype)
+    s = 2 if head == "2x" else 1
+    out = torch.zeros(1, 3, s * h, s * w)
+    total = torch.zeros(1, 1, s * h, s * w)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    for y0 in ys:
+        for x0 in xs:
+            th, tw = min(tile, h), min(tile, w)
+            piece = run_model(model, x[..., y0:y0 + th, x0:x0 + tw], head, device, dtype)
+            wy = _ramp(s * th, s * overlap, y0 > 0, y0 + th < h)
+            wx = _ramp(s * tw, s * overlap, x0 > 0, x0 + tw < w)
+            weight = wy[:, None] * wx[None, :]
+            out[..., s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += piece * weight
+            total[..., s * y0:s * (y0 + th), s * x0:s * (x0 + tw)] += weight
+    return out / total
+
+
+# ---------------------------------------------------------------- presets
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """(1|_, 3, H, W) in [0, 1] -> HxWx3 uint8, rounded."""
+    return (t[0].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def official_preprocess(im: Image.Image) -> torch.Tensor:
+    """test.py: bicubic 512x512, ToTensor, Normalize(0.5, 0.5) -> [-1, 1]."""
+    return image_to_tensor(im.resize((OFFICIAL_SIZE, OFFICIAL_SIZE), Image.BICUBIC))[None] * 2.0 - 1.0
+
+
+def official_postprocess(t: torch.Tensor) -> np.ndarray:
+    """test.py's save_img: (x + 1) / 2 * 255, clipped, truncated (astype) to uint8."""
+    a = (t[0].permute(1, 2, 0).numpy().astype(np.float64) + 1.0) / 2.0 * 255.0
+    return a.clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- files
+def collect_inputs(items: list[Path]) -> list[tuple[Path, str]]:
+    """(image path, output name) for every input; two inputs with the same output name are an error."""
+    found, names = [], {}
+    for item in items:
+        for path in list_images(item):
+            rel = path.relative_to(item) if item.is_dir() else Path(path.name)
+            name = str(rel.with_suffix(".png"))
+            if name in names:
+                raise UserError(f"{path}: its output {name} would overwrite that of {names[name]}")
+            names[name] = path
+            found.append((path, name))
+    return found
+
+
+def find_reference(gt_dir: Path, name: str) -> Path:
+    rel = Path(name)
+    for suffix in (None, *IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):
+        candidate = gt_dir / (rel if suffix is None else rel.with_suffix(suffix))
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{gt_dir / rel.with_suffix('')}.*: no reference image for {name}")
+
+
+def _metrics(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    a = image_to_tensor(Image.fromarray(out))[None]
+    b = image_to_tensor(Image.fromarray(ref))[None]
+    return float(psnr(a, b)), float(ssim(a, b))
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="our checkpoint, a converted file, or an official release file")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/phaseformer/infer-<time>)")
+    p.add_argument("--preset", choices=("ours", "official"), default="ours")
+    p.add_argument("--head", choices=("1x", "2x"), default=None, help="output head (default 1x; official: 2x)")
+    p.add_argument("--tile", type=cli.int_range(64), default=512,
+                   help="tile size in px for large images (a multiple of 8)")
+    p.add_argument("--overlap", type=cli.NONNEG_INT, default=32, help="tile overlap in px (at most a quarter tile)")
+    p.add_argument("--gt", type=Path, default=None, help="reference images (same names) for --metrics")
+    p.add_argument("--metrics", action="store_true", help="PSNR / SSIM against --gt into metrics.csv/json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=AMP_CHOICES, help="autocast dtype (the FFTs stay fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
+    cli.add_threads_arg(p)
+    cli.add_max_pixels_arg(p)
+    return p.parse_args(argv)
+
+
+def validate(args) -> None:
+    if args.tile % DOWNSAMPLE_FACTOR:
+        raise UserError(f"--tile {args.tile}: must be a multiple of {DOWNSAMPLE_FACTOR}")
+    if args.overlap > args.tile // 4:
+        raise UserError(f"--overlap {args.overlap}: must be between 0 and a quarter of --tile ({args.tile // 4})")
+    if args.metrics and args.gt is None:
+        raise UserError("--metrics needs --gt DIR (reference images with the same names)")
+    if args.gt is not None and not args.gt.is_dir():
+        raise UserError(f"--gt {args.gt}: not a folder")
+    if args.preset == "official" and args.head == "1x":
+        raise UserError("--preset official uses the 2x head, as the release's test.py does")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate(args)
+    cli.apply_runtime_args(args)
+    head = args.head or ("2x" if args.preset == "official" else "1x")
+    out_dir = args.out or Path("runs") / "phaseformer" / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
+    items = collect_inputs(args.inputs)
+    check_output_dir(out_dir, [name for _, name in items] + (["metrics.csv", "metrics.json"] if args.metrics else []),
+                     args.overwrite)
+    references = {name: find_reference(args.gt, name) for _, name in items} if args.metrics else {}
+
+    device = select_device(args.device)
+    dtype = amp_dtype(device, args.amp)
+    model = build_model()
+    info = load_weights(model, args.weights)
+    model = model.to(device).eval()
+    print(f"weights: {args.weights} ({info['kind']}); preset {args.preset}, {head} head"
+          + (f", tiles of {args.tile} px (overlap {args.overlap})" if args.preset == "ours" else ""))
+
+    rows = []
+    for path, name in tqdm(items, desc="restoring", disable=len(items) < 2):
+        im = load_image(path, "RGB")
+        if min(im.size) < MIN_SIDE:
+            raise UserError(f"{path}: {im.size[0]}x{im.size[1]} px is too small for the model "
+                            f"(at least {MIN_SIDE} px per side)")
+        if args.preset == "official":
+            result = official_postprocess(run_model(model, official_preprocess(im), head, device, dtype))
+        else:
+            x = image_to_tensor(im)[None]
+            result = to_uint8(restore(model, x, head, args.tile, args.overlap, device, dtype))
+        save_image(out_dir / name, result)
+        if args.metrics:
+            ref_path = references[name]
+            ref = np.asarray(load_image(ref_path, "RGB"))
+            if ref.shape != result.shape:
+                raise UserError(f"{ref_path}: reference is {ref.shape[1]}x{ref.shape[0]} but the output for {path} "
+                                f"is {result.shape[1]}x{result.shape[0]}")
+            p_out, s_out = _metrics(result, ref)
+            inp = np.asarray(im) if im.size == (ref.shape[1], ref.shape[0]) else \
+                np.asarray(im.resize((ref.shape[1], ref.shape[0]), Image.BICUBIC))
+            p_in, s_in = _metrics(inp, ref)
+            rows.append({"image": name, "psnr": p_out, "ssim": s_out, "psnr_input": p_in, "ssim_input": s_in})
+    print(f"{len(items)} image(s) restored into {out_dir}")
+
+    if args.metrics:
+        keys = ("psnr", "ssim", "psnr_input", "ssim_input")
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["image", *keys])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"image": r["image"], **{k: f"{r[k]:.6f}" for k in keys}})
+        atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(out_dir / "metrics.json", json.dumps(
+            {"weights": str(args.weights), "preset": args.preset, "head": head, "mean": mean, "images": rows,
+             "definitions": "PSNR on RGB in [0,1] (data range 1); SSIM: Gaussian window 11, sigma 1.5, "
+                            "per channel, averaged; *_input: the input image itself as the restoration"},
+            indent=2) + "\n")
+        print(f"PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.4f} over {len(rows)} image(s) "
+              f"(input itself: {mean['psnr_input']:.2f} dB, {mean['ssim_input']:.4f}); "
+              f"written to {out_dir / 'metrics.csv'} and {out_dir / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
