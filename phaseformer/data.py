@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from common.data import IMAGE_SUFFIXES
 from common.io import UserError, image_to_tensor, load_image, save_image
@@ -209,17 +209,15 @@ def augment(tensors, rng: torch.Generator | None = None):
 class PairDataset(Dataset):
     """(input, 1x target, 2x target) per pair; decoded per access (LSUI does not fit in memory).
 
-    Training crops and flips are drawn from a generator seeded by (seed, epoch, index), not from
-    the process's RNG: the same samples come out whatever the number of DataLoader workers, and a
-    resumed run (even with another --workers) sees exactly the samples an uninterrupted one would.
-    EpochSampler keeps `epoch` current.
+    Training crops and flips come from torch's RNG, which common.data.train_loader seeds per
+    (seed, epoch, index): the same samples whatever the number of DataLoader workers, so a resumed
+    run (even with another --workers) sees exactly the samples an uninterrupted one would.
     """
 
-    def __init__(self, pairs, size: int, sampling: str = "resize", train: bool = False, seed: int = 0):
+    def __init__(self, pairs, size: int, sampling: str = "resize", train: bool = False):
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}")
         self.pairs, self.size, self.sampling, self.train = list(pairs), size, sampling, train
-        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return len(self.pairs)
@@ -229,16 +227,7 @@ class PairDataset(Dataset):
         a, b = load_pair(inp, gt)
         if not self.train:
             return sample_pair(a, b, self.size, "resize")
-        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
-        return augment(sample_pair(a, b, self.size, self.sampling, rng), rng)
-
-
-class EpochSampler(DistributedSampler):
-    """The common loaders' shuffled DistributedSampler, which also tells the dataset the epoch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dataset.epoch = epoch
+        return augment(sample_pair(a, b, self.size, self.sampling))
 
 
 # ---------------------------------------------------------------- built-in synthetic underwater data

@@ -27,21 +27,19 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from common import cli
 from common.checkpoint import load_checkpoint, unwrap
 from common.cli import NONNEG_INT, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
-from common.distributed import DistInfo, all_gather_cat, any_rank, cleanup, wrap_model
+from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
 from common.io import UserError, atomic_write_text, run_cli
 from common.metrics import psnr, ssim
 from common.schedulers import constant_then_linear_decay
 from common.trainer import Trainer
 from common.vgg import WeightsUnavailable
-from phaseformer.data import (BUILTIN_VERSION, SAMPLINGS, EpochSampler, PairDataset, make_builtin_dataset,
-                              resolve_dataset)
+from phaseformer.data import BUILTIN_VERSION, SAMPLINGS, PairDataset, make_builtin_dataset, resolve_dataset
 from phaseformer.losses import TERMS, PERCEPTUAL_VARIANTS, PerceptualLoss, PhaseformerLoss
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
 from phaseformer.official import load_weights
@@ -52,30 +50,6 @@ RECIPE = {"image_size": 256, "sampling": "resize", "batch_size": 8, "niter": 50,
 # the built-in demo: about a minute on 2 CPU cores
 DEMO = {"image_size": 32, "sampling": "crop", "batch_size": 8, "niter": 3, "niter_decay": 2}
 RUN_OUTPUTS = ("split.txt", "samples")
-
-
-class SkippingAdam(torch.optim.Adam):
-    """Adam whose next step can be cancelled: after a NaN/inf loss the update is skipped, leaving
-    every weight and every moment estimate as it was (the original skipped such batches too, but
-    silently). The cancelled step still receives zero gradients, so DDP and GradScaler see an
-    ordinary step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._skip = False
-
-    def skip_next_step(self) -> None:
-        self._skip = True
-
-    def step(self, closure=None):
-        if self._skip:
-            self._skip = False
-            return None
-        return super().step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._skip = False  # a step GradScaler skipped itself (fp16 overflow) must not cancel the next
-        super().zero_grad(set_to_none)
 
 
 # ---------------------------------------------------------------- arguments
@@ -196,15 +170,12 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trainable}] + ([{"params": list(criterion.parameters())}] if
                                         list(criterion.parameters()) else [])
-    opt = SkippingAdam(groups, lr=args.lr, betas=(args.beta1, 0.999))
+    opt = torch.optim.Adam(groups, lr=args.lr, betas=(args.beta1, 0.999))
     sched = constant_then_linear_decay(opt, plan["niter"], plan["niter_decay"])
 
-    train_set = PairDataset(train_pairs, plan["image_size"], plan["sampling"], train=True, seed=args.seed)
+    train_set = PairDataset(train_pairs, plan["image_size"], plan["sampling"], train=True)
     val_set = PairDataset(val_pairs, plan["val_size"], "resize")
-    sampler = EpochSampler(train_set, num_replicas=run.info.world_size, rank=run.info.rank, shuffle=True,
-                           seed=args.seed)
-    loader = train_loader(train_set, plan["batch_size"], seed=args.seed, workers=args.workers, info=run.info,
-                          sampler=sampler)
+    loader = train_loader(train_set, plan["batch_size"], seed=args.seed, workers=args.workers, info=run.info)
     val_loader = eval_loader(val_set, plan["batch_size"], workers=args.workers, info=run.info)
     if main_rank:
         print(f"model: Phaseformer, {sum(p.numel() for p in trainable):,} trainable parameters; "
@@ -212,32 +183,15 @@ def main(argv=None):
               f"Adam lr {args.lr:g} betas ({args.beta1:g}, 0.999), lr constant for {plan['niter']} epoch(s) "
               f"then decaying over {plan['niter_decay']}")
 
-    skipped = {"total": 0, "epoch": 0}
     if resumed is not None:
         state = resumed["extra"].get(TASK, {})
-        skipped["total"] = int(state.get("skipped_steps", 0))
         if state.get("loss_weighting"):
             criterion.weighting.load_state_dict(state["loss_weighting"])
 
     def loss_fn(m, batch):
         x, target_1x, target_2x = batch
         out_1x, out_2x = m(x)
-        loss, logs = criterion(out_1x, out_2x, target_1x, target_2x)
-        bad = not bool(torch.isfinite(loss.detach()))
-        if run.info.enabled:
-            bad = any_rank([bad], run.info)[0]
-        if not bad:
-            return loss, logs
-        # skip this update, and say so: zero gradients reach every weight (so DDP and GradScaler
-        # run their usual step) and the optimizer leaves everything as it was
-        opt.skip_next_step()
-        skipped["epoch"] += 1
-        skipped["total"] += 1
-        if main_rank:
-            which = ", ".join(k for k, v in logs.items() if not torch.isfinite(torch.tensor(v))) or "the total"
-            tqdm.write(f"warning: non-finite loss ({which}) at epoch {trainer.epoch + 1}: update skipped "
-                       f"({skipped['total']} so far)")
-        return sum(p.sum() for p in trainable) * 0.0, {}
+        return criterion(out_1x, out_2x, target_1x, target_2x)
 
     def metrics(pred, target):
         with torch.autocast(run.device.type, enabled=False):  # evaluate() runs under the training autocast
@@ -268,8 +222,6 @@ def main(argv=None):
 
     def on_epoch(t, row):
         row.update({k: float(v) for k, v in criterion.weights().items()})
-        row["skipped_steps"] = skipped["epoch"]
-        skipped["epoch"] = 0
         if main_rank:
             shown = " ".join(f"{k[2:]}={v:.3g}" for k, v in criterion.weights().items())
             print(f"  val PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f} (input itself: "
@@ -279,8 +231,7 @@ def main(argv=None):
             save_samples(unwrap(t.model), samples, run.out_dir / "samples" / f"epoch_{t.epoch:04d}.png", run.device)
 
     def extra_state():
-        return {TASK: {"skipped_steps": skipped["total"],
-                       "loss_weighting": {k: v.detach().cpu() for k, v in criterion.weighting.state_dict().items()}}}
+        return {TASK: {"loss_weighting": {k: v.detach().cpu() for k, v in criterion.weighting.state_dict().items()}}}
 
     config = {**vars(args), "task": TASK, "builtin_data": args.data is None,
               **{f"run_{k}": v for k, v in plan.items() if k != "terms"}, "run_loss_terms": plan["terms"]}
@@ -289,15 +240,16 @@ def main(argv=None):
                       monitor="val_psnr", mode="max", amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,
                       clip_grad=args.clip_grad, channels_last=args.channels_last, save_every=args.save_every,
                       seed=args.seed, config=config, on_epoch=on_epoch, extra_state=extra_state,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, nonfinite="skip")
     result = trainer.fit(resume=args.resume)
     if main_rank and result["best_epoch"]:
         best = result["history"][result["best_epoch"] - 1]
+        skipped = sum(int(r.get("skipped_steps", 0)) for r in result["history"])
         gain = best["val_psnr"] - best["val_psnr_input"]
         print(f"best epoch {result['best_epoch']}: val PSNR {best['val_psnr']:.2f} dB, SSIM {best['val_ssim']:.4f}; "
               f"the input itself scores {best['val_psnr_input']:.2f} dB, {best['val_ssim_input']:.4f} "
               f"({'+' if gain >= 0 else ''}{gain:.2f} dB)"
-              + (f"; {skipped['total']} update(s) skipped for non-finite losses" if skipped["total"] else ""))
+              + (f"; {skipped} update(s) skipped for non-finite losses" if skipped else ""))
         print(f"restore images: python phaseformer/infer.py --weights {run.out_dir / 'best.pt'} IMAGES... --out DIR")
     cleanup(run.info)
     return result
