@@ -25,8 +25,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from common.data import read_csv
-from common.io import UserError, load_image, save_image
+from common.io import UserError, load_image
 
+TASK = "colorize"
 BUILTIN_VERSION = "colorize-1"
 TRAIN_COLUMNS = ("input_image_path", "gt_image_path")
 TEST_COLUMNS = ("input_image_path",)
@@ -259,11 +260,14 @@ def make_builtin_dataset(root: Path, n_train: int = 240, n_test: int = 16, size:
     rng = np.random.default_rng(seed)
     for split, prefix, n, digits in (("train", "TRAIN", n_train, 5), ("test", "TEST", n_test, 3)):
         rows = []
+        for sub in ("input", "gt"):
+            (root / f"{split}_{sub}").mkdir(parents=True, exist_ok=True)
         for i in range(n):
             name = f"{prefix}_{i:0{digits}d}.png"
             rgb = _scene(rng, size)
-            save_image(root / f"{split}_input" / name, _damage(rng, gray_u8(rgb)))
-            save_image(root / f"{split}_gt" / name, rgb)
+            # plain writes: ensure_builtin moves the finished folder into place in one rename
+            Image.fromarray(_damage(rng, gray_u8(rgb))).save(root / f"{split}_input" / name)
+            Image.fromarray(rgb).save(root / f"{split}_gt" / name)
             rows.append((f"./{split}_input/{name}", f"./{split}_gt/{name}"))
         if split == "train":
             text = "input_image_path,gt_image_path\n" + "".join(f"{a},{b}\n" for a, b in rows)
