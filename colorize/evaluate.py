@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from colorize.data import MASK_TOLERANCE, damage_mask, load_rgb
 from colorize.metrics import competition_score, mean_scores
 from common.cli import NONNEG_INT, ArgumentParser, add_max_pixels_arg, apply_runtime_args, int_range

@@ -26,6 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from colorize.data import TASK, load_rgb, read_inputs, resize_tensor, resize_u8, to_tensor, to_u8
 from colorize.model import MODEL_NAMES, build_model, load_original_state, load_state_strict
 from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,

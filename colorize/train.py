@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from colorize.data import (BUILTIN_VERSION, MASK_TOLERANCE, TASK, PairDataset, make_builtin_dataset, read_pairs,
                            split_indices, to_u8)
 from colorize.losses import ColorizeLoss
