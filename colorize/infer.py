@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- model
 def load_model(path: Path, model: str | None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, {'model', 'width', 'img_size' or None, 'source'})."""
-    obj = load_untrusted(path)
+    # mapped, not read: the original's files carry AdamW state, three times the weights' size
+    obj = load_untrusted(path, mmap=True)
     if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
         cfg = obj.get("config") or {}
         if cfg.get("task") != TASK or cfg.get("model") not in MODEL_NAMES:
@@ -146,8 +147,9 @@ def main(argv=None):
         print(f"note: the weights do not record their training size: using {ORIGINAL_SIZE} (the original's "
               f"default); give --size to match how they were trained")
     device = select_device(args.device)
-    # channels_last: the fused ImprovedUNet runs faster in NHWC on CPU and GPU
-    net = net.to(device, memory_format=torch.channels_last)
+    # NHWC suits cuDNN; on the CPU both layouts run at about the same speed
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = net.to(device, memory_format=layout)
     print(f"{info['model']} width {info['width']} ({info['source']}) at {size}x{size}: {len(paths)} image(s) "
           f"from {args.input}")
 
@@ -156,7 +158,7 @@ def main(argv=None):
     done = 0
     with torch.inference_mode():
         for x, hw in tqdm(loader, desc="restoring", leave=False, disable=len(loader) < 2):
-            pred = net(x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
+            pred = net(x.to(device).contiguous(memory_format=layout)).cpu()
             for p, (h, w) in zip(pred, hw.tolist()):
                 save_image(args.out / names[done], restore_to_size(p, (h, w)))
                 done += 1

@@ -14,9 +14,10 @@ original's checkpoints (see `load_original_state`).
 The modules are laid out exactly as the original's, so the state_dict keys match; ImprovedUNet's
 forward runs a fused version of the same math (see `_conv_norm`): the conv bias in front of an
 InstanceNorm is skipped (the norm subtracts the per-channel mean, so the bias cancels exactly),
-InstanceNorm is computed as GroupNorm with one channel per group (same statistics, but it keeps
-channels_last tensors channels_last, where F.instance_norm copies to NCHW), and the activations
-and the residual addition run in place.
+InstanceNorm is computed as GroupNorm with one channel per group (the same statistics; faster on
+the CPU than F.instance_norm, and it keeps channels_last tensors channels_last), the activations
+run in place, and the residual blocks' SE, which always scales by exactly 0.5 (see ResidualBlock),
+is a scaled addition.
 """
 from __future__ import annotations
 
@@ -149,7 +150,13 @@ class DoubleConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + SE([conv3x3 -> IN -> LeakyReLU -> conv3x3 -> IN](x)); no activation after the addition."""
+    """x + SE([conv3x3 -> IN -> LeakyReLU -> conv3x3 -> IN](x)); no activation after the addition.
+
+    The SE here squeezes an InstanceNorm output, whose spatial mean is 0 in every channel; its
+    linears have no bias, so the excitation is sigmoid(0) = 0.5 whatever the weights: the block is
+    x + 0.5 * IN(...) (exactly; the original computes the same up to rounding). The SE module stays
+    for the original's parameter names and is skipped in forward (its weights never mattered).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -161,7 +168,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _conv_norm(self.block[3], _conv_norm(self.block[0], x, act=True), act=False)
-        return self.se(y).add_(x)  # the SE product is a fresh tensor: adding into it saves one
+        return torch.add(x, y, alpha=0.5)
 
 
 class AttentionGate(nn.Module):

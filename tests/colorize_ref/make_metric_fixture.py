@@ -9,7 +9,7 @@ environment:
 Writes tests/colorize_ref/metric_fixture.json:
   cases    per case of metric_cases.make_cases(): its checksum and score / ssim / masked_ssim /
            hue_hist from skimage.metrics.structural_similarity + cv2 (the baseline's functions,
-           transcribed below); masked_ssim is null where scikit-image raises (< 7 damaged pixels)
+           baseline_metric.py); masked_ssim is null where scikit-image raises (< 7 damaged pixels)
   hue      OpenCV's 8-bit RGB->HSV hue of all 2^24 colours: sha256 of the whole table and a crc32
            per red value (so a mismatch says where), plus the same for cv2 RGB2GRAY
   resize   cv2.resize(INTER_LINEAR) of a test image to several sizes (uint8 bytes, base64)
@@ -28,30 +28,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import skimage
-from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_metric import baseline_hue_similarity, baseline_masked_ssim, baseline_ssim  # noqa: E402
 from metric_cases import RESIZE_SIZES, SPLIT_CASES, all_colours, checksum, make_cases, resize_source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "metric_fixture.json"
-
-
-# The baseline's three functions (DACON 236420 public baseline / participants' metric.py), as used there.
-def baseline_ssim(true, pred):
-    return structural_similarity(true, pred, channel_axis=-1, data_range=pred.max() - pred.min())
-
-
-def baseline_masked_ssim(true, pred, mask):
-    return structural_similarity(true[mask > 0], pred[mask > 0], channel_axis=-1,
-                                 data_range=pred.max() - pred.min())
-
-
-def baseline_hue_similarity(true, pred):
-    ht = cv2.calcHist([cv2.cvtColor(true, cv2.COLOR_RGB2HSV)], [0], None, [180], [0, 180])
-    hp = cv2.calcHist([cv2.cvtColor(pred, cv2.COLOR_RGB2HSV)], [0], None, [180], [0, 180])
-    ht = cv2.normalize(ht, ht).flatten()
-    hp = cv2.normalize(hp, hp).flatten()
-    return cv2.compareHist(ht, hp, cv2.HISTCMP_CORREL)
 
 
 def reference(pred, gt, mask) -> dict:
