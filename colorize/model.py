@@ -15,9 +15,10 @@ The modules are laid out exactly as the original's, so the state_dict keys match
 forward runs a fused version of the same math (see `_conv_norm`): the conv bias in front of an
 InstanceNorm is skipped (the norm subtracts the per-channel mean, so the bias cancels exactly),
 InstanceNorm is computed as GroupNorm with one channel per group (the same statistics; faster on
-the CPU than F.instance_norm, and it keeps channels_last tensors channels_last), the activations
-run in place, and the residual blocks' SE, which always scales by exactly 0.5 (see ResidualBlock),
-is a scaled addition.
+the CPU than F.instance_norm, and it keeps channels_last tensors channels_last), InstanceNorm +
+LeakyReLU keep only their output for the backward pass (see _InstanceNormLeakyReLU: one feature map
+less per convolution), and the residual blocks' SE, which always scales by exactly 0.5 (see
+ResidualBlock), is a scaled addition.
 """
 from __future__ import annotations
 
@@ -105,10 +106,44 @@ def _instance_norm_(x: torch.Tensor) -> torch.Tensor:
     return F.group_norm(x, x.shape[1], eps=IN_EPS)
 
 
+class _InstanceNormLeakyReLU(torch.autograd.Function):
+    """LeakyReLU(InstanceNorm(x)) that keeps only its output for the backward pass.
+
+    LeakyReLU with a positive slope is invertible, so the normalised input is recovered from the
+    output (y / slope where y < 0) and the norm's input need not be kept: one feature map less in
+    memory per convolution. Backward: dx = rstd * (dz - mean(dz) - xhat * mean(dz * xhat)).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()   # as autocast runs norms: in float32
+        n, c, h, w = x.shape
+        y, _, rstd = torch.native_group_norm(x, None, None, n, c, h * w, c, IN_EPS)
+        F.leaky_relu_(y, slope)
+        ctx.save_for_backward(y, rstd)
+        ctx.slope = slope
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, rstd = ctx.saved_tensors
+        positive = y > 0
+        dz = torch.where(positive, dy, dy * ctx.slope)
+        xhat = torch.where(positive, y, y * (1.0 / ctx.slope))
+        mean_dz = dz.mean((2, 3), keepdim=True)
+        mean_dzx = (dz * xhat).mean((2, 3), keepdim=True)
+        dx = dz.sub_(mean_dz).sub_(xhat.mul_(mean_dzx)).mul_(rstd[:, :, None, None])
+        return dx, None
+
+
 def _conv_norm(conv: nn.Conv2d, x: torch.Tensor, act: bool) -> torch.Tensor:
     """conv -> InstanceNorm [-> LeakyReLU(0.2)]; the conv bias cancels in the norm, so it is skipped."""
-    y = _instance_norm_(F.conv2d(x, conv.weight, None, conv.stride, conv.padding))
-    return F.leaky_relu_(y, LEAKY_SLOPE) if act else y
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+    if act:
+        return _InstanceNormLeakyReLU.apply(y, LEAKY_SLOPE) if torch.is_grad_enabled() else \
+            F.leaky_relu_(_instance_norm_(y), LEAKY_SLOPE)
+    return _instance_norm_(y)
 
 
 class SEBlock(nn.Module):

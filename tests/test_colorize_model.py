@@ -241,3 +241,17 @@ def test_other_architecture_and_foreign_weights_are_refused(plain_pair):
     with pytest.raises(UserError, match="weights do not fit ImprovedUNet"):
         load_state_strict(build_model("improved_unet", 16), sd, "x.pth")
     assert strip_prefixes({"module._orig_mod.a": 1, "b": 2}) == {"a": 1, "b": 2}
+
+
+def test_bf16_autocast_training_step_runs_the_fused_norm_in_float32():
+    torch.manual_seed(0)
+    m = build_model("improved_unet", 16)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        loss = torch.nn.functional.l1_loss(y.float(), torch.rand(2, 3, 32, 32))
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), m(x), atol=0.05, rtol=0)   # bf16 rounding only
