@@ -15,8 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.vgg import VGGFeatures
-
 VGG_LAYERS = (3, 8, 15)            # relu1_2, relu2_2, relu3_3 in torchvision's vgg16().features
 LAYER_WEIGHTS = (0.5, 0.7, 1.0)
 
@@ -40,9 +38,11 @@ class ColorizeLoss(nn.Module):
                  vgg_weights: str | None = "imagenet"):
         super().__init__()
         self.w_l1, self.w_perceptual, self.w_style, self.w_mask = l1, perceptual, style, mask_weight
-        # VGGFeatures raises WeightsUnavailable (one line, naming the file) when ImageNet weights cannot be had
-        self.vgg = VGGFeatures("vgg16", layers=VGG_LAYERS, normalize=True, weights=vgg_weights) \
-            if perceptual > 0 or style > 0 else None
+        self.vgg = None
+        if perceptual > 0 or style > 0:
+            from common.vgg import VGGFeatures   # torchvision (seconds to import) only when a VGG term is on
+            # it raises WeightsUnavailable (one line, naming the file) when the ImageNet weights cannot be had
+            self.vgg = VGGFeatures("vgg16", layers=VGG_LAYERS, normalize=True, weights=vgg_weights)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
         """(total loss, {term: detached value}) for predictions and targets in [0, 1]."""

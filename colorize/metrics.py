@@ -17,8 +17,8 @@ Definitions (reference digest, section 6.1), for uint8 RGB `pred` and `gt` and t
                over all pixels, L2-normalised in float32 (cv2.normalize), then Pearson correlation
                (cv2.compareHist HISTCMP_CORREL, which returns 1 when a histogram has no variance).
 
-Window sums are taken over integer pixel values with int64 cumulative sums, so means, variances
-and covariances are exact before the final float64 division.
+Window sums are taken over the integer pixel values (int32, exact), so means, variances and
+covariances are exact integers before the final float64 division.
 
 Cases the baseline does not define:
   * fewer than 7 damaged pixels (scikit-image raises "win_size exceeds image extent"): masked_ssim
@@ -45,6 +45,7 @@ HSV_SHIFT = 12
 def _window_sums(a: np.ndarray, axis: int) -> np.ndarray:
     """Sums over every full WIN-long window along `axis` (a running sum of shifted views)."""
     n = a.shape[axis]
+
     def part(k):
         idx = [slice(None)] * a.ndim
         idx[axis] = slice(k, n - WIN + 1 + k)

@@ -44,7 +44,6 @@ from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
 from common.io import UserError, load_untrusted, run_cli
 from common.trainer import Trainer
-from common.vgg import WeightsUnavailable, imagenet_state_dict, imagenet_weights_path
 
 ORIGINAL_EPOCHS, ORIGINAL_IMG_SIZE = 30, 128
 ORIGINAL_BATCH = {128: 32, 256: 16, 512: 8}         # the original's suggestions per resolution
@@ -122,7 +121,7 @@ def load_init(model: torch.nn.Module, path: Path, name: str, width: int) -> None
         if found != (name, width):
             raise UserError(f"{path}: holds a {found[0]} of width {found[1]}, not --model {name} --width {width}")
     else:
-        sd, found_name, found_width = load_original_state(obj, path, model=name)
+        sd, _, found_width = load_original_state(obj, path, model=name)
         if found_width != width:
             raise UserError(f"{path}: weights of width {found_width}, but this run builds width {width} (give --width)")
     load_state_strict(model, sd, path)
@@ -131,11 +130,13 @@ def load_init(model: torch.nn.Module, path: Path, name: str, width: int) -> None
 def ensure_vgg_weights() -> None:
     """Download torchvision's VGG16 ImageNet file into the torch hub cache if it is not there, or
     raise WeightsUnavailable (before building a 138 M-parameter VGG16 only to find no weights)."""
+    from common.vgg import imagenet_state_dict, imagenet_weights_path   # imports torchvision: only when needed
     if not imagenet_weights_path("vgg16").is_file():
         imagenet_state_dict("vgg16")
 
 
 def build_loss(args, builtin: bool, is_main: bool) -> ColorizeLoss:
+    from common.vgg import WeightsUnavailable
     try:
         if args.perceptual > 0 or args.style > 0:
             ensure_vgg_weights()

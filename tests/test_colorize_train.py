@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import colorize.losses
 import colorize.train
+import common.vgg
 from colorize.data import BUILTIN_VERSION, make_builtin_dataset
 from colorize.model import build_model
 from colorize.train import main as train_main
@@ -162,7 +162,7 @@ def test_ctrl_c_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(small
 def test_perceptual_style_and_damaged_region_terms(tmp_path, monkeypatch):
     """With VGG16 weights at hand (random here: no download in tests) the loss has every term."""
     monkeypatch.setattr(colorize.train, "ensure_vgg_weights", lambda: None)
-    monkeypatch.setattr(colorize.losses, "VGGFeatures", lambda *a, **k: VGGFeatures(*a, **{**k, "weights": None}))
+    monkeypatch.setattr(common.vgg, "VGGFeatures", lambda *a, **k: VGGFeatures(*a, **{**k, "weights": None}))
     _, stdout = call("--epochs", 1, "--subset", 0.1, "--img-size", 32, "--batch-size", 6, "--style", 10,
                      "--mask-weight", 1, "--sample-every", 0, "--no-progress", "--out", tmp_path / "D")
     assert "loss 1*L1 + 0.2*perceptual + 10*style + 1*mask_L1" in stdout
@@ -215,7 +215,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     Image.open(sized / "train_gt" / "TRAIN_00001.png").resize((64, 64)).save(sized / "train_gt" / "TRAIN_00001.png")
     rows = (sized / "train.csv").read_text().splitlines()
     (sized / "train.csv").write_text("\n".join(rows[:11]) + "\n")   # 10 pairs, so validation reads this one
-    msg = cli_error(capsys, "--data", sized, "--epochs", 1, "--img-size", 32, "--width", 16, "--val-fraction", 0.9,
+    msg = cli_error(capsys, "--data", sized, "--epochs", 1, "--img-size", 32, "--width", 16, "--val-fraction", 0.9, "--workers", 0,
                     "--perceptual", 0, "--out", tmp_path / "d")
     assert "TRAIN_00001.png: input is 128x128 but its ground truth" in msg and "is 64x64" in msg
     # weights of the other architecture
