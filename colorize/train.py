@@ -2,7 +2,7 @@
 
   python colorize/train.py                                     # built-in demo data (about a minute on 2 CPU cores)
   python colorize/train.py --data DIR                          # DIR/train.csv: the competition layout
-  python colorize/train.py --data DIR --img-size 256 --batch-size 16 --mask-weight 1 --style 50
+  python colorize/train.py --data DIR --img-size 256 --batch-size 16 --mask-weight 1 --style 1
   python colorize/train.py --data DIR --init best_model.pth    # start from the original's checkpoint
   python colorize/train.py --resume runs/colorize/improved_unet-.../last.pt
 
