@@ -368,3 +368,19 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, workers):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["extra"]["trainer"]["history"][0]["train_loss"] == pytest.approx(
         b["extra"]["trainer"]["history"][0]["train_loss"], rel=1e-12)
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def fake(busy):  # jiffies: 100 elapsed per CPU; `busy` of them spent by other programs
+            samples = iter([{0: (0, 0), 1: (0, 0)}, {c: (100, 100 - busy[c]) for c in (0, 1)}])
+            return lambda cpus: next(samples)
+        assert cli.auto_threads(0, fake({0: 3, 1: 5}))[0] == 2          # idle machine: all cores
+        n, why = cli.auto_threads(0, fake({0: 97, 1: 10}))               # one core kept busy
+        assert n == 1 and "1 of 2 cores busy" in why
+        assert cli.auto_threads(0, fake({0: 100, 1: 100}))[0] == 1       # never fewer than one
+    finally:
+        torch.set_num_threads(old)
