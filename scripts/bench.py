@@ -5,6 +5,7 @@
   python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
   python scripts/bench.py phaseformer  # vs a transcription of the official model; tiled 2048x2048 inference
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
+  python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
   python scripts/bench.py all          # the CPU sections
 
 Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
@@ -454,12 +455,241 @@ def _phaseformer_gpu(args, state) -> list[dict]:
             rows.append({"what": "gpu", "precision": prec, "size": size, "batch": bs,
                          "forward_img_s": bs / t_fwd, "fwd_vs_fp32": ref["fwd"] / t_fwd,
                          "train_img_s": bs / t_step, "train_vs_fp32": ref["step"] / t_step})
+# ---------------------------------------------------------------- colorize
+_COLORIZE_MEM_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {repo!r})
+
+def high_water_kib():
+    # VmHWM belongs to this process image (ru_maxrss would carry the parent's over exec)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+torch.set_num_threads({threads})
+from colorize.model import ImprovedUNet
+from tests.colorize_ref.original_unet import OriginalImprovedUNet
+torch.manual_seed(0)
+variant, size, bs = {variant!r}, {size}, {bs}
+model = OriginalImprovedUNet() if variant == "transcription" else ImprovedUNet()
+fmt = torch.channels_last if variant == "ours_channels_last" else torch.contiguous_format
+model = model.to(memory_format=fmt)
+x = torch.rand(bs, 3, size, size).contiguous(memory_format=fmt)
+y = torch.rand(bs, 3, size, size)
+opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.01)
+before = high_water_kib()
+opt.zero_grad(set_to_none=True)
+torch.nn.functional.l1_loss(model(x), y).backward()
+opt.step()
+print(before, high_water_kib())
+"""
+
+
+def _colorize_eval_set(folder: Path, n: int, size: int) -> None:
+    """n (pred, gt, input) triples of size x size PNGs: structured colour images, gray inputs with a
+    flat-filled rectangle, predictions = noisy ground truth."""
+    import numpy as np
+    from PIL import Image
+
+    from colorize.data import gray_u8
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for d in ("gt", "pred", "inputs"):
+        (folder / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        gt = np.stack([xx * 255 / size, yy * 255 / size, 128 + 100 * np.sin(xx / (5.0 + i))], -1)
+        gt = np.clip(gt + rng.normal(0, 10, gt.shape), 0, 255).astype(np.uint8)
+        inp = gray_u8(gt)
+        y0, x0 = rng.integers(0, size // 2, 2)
+        inp[y0:y0 + size // 4, x0:x0 + size // 3] = rng.integers(0, 256)
+        pred = np.clip(gt.astype(int) + rng.integers(-30, 31, gt.shape), 0, 255).astype(np.uint8)
+        name = f"TEST_{i:03d}.png"
+        Image.fromarray(gt).save(folder / "gt" / name)
+        Image.fromarray(inp).save(folder / "inputs" / name)
+        Image.fromarray(pred).save(folder / "pred" / name)
+
+
+def bench_colorize(args) -> list[dict]:
+    """improved_unet (fused, channels_last or not) against a straightforward transcription of the
+    original module (tests/colorize_ref/original_unet.py, the same math): forward and an AdamW
+    training step at 256x256, batch 4 (--quick: 64, batch 2), outputs compared; peak memory (RSS)
+    of one training step at 512x512, batch 2 (--quick: 128), each variant in a fresh process;
+    colorize/evaluate.py on 512x512 PNGs against scikit-image (+ OpenCV: the baseline's own scoring
+    loop, run by the Python in $COLORIZE_BENCH_REF_PYTHON, default this one, when it has cv2 and
+    skimage). On CUDA also fp32 / bf16 / fp16 autocast, eager and torch.compile(mode="reduce-overhead")."""
+    import numpy as np
+
+    if str(REPO) not in sys.path:   # tests/colorize_ref holds the transcription of the original
+        sys.path.insert(0, str(REPO))
+    from colorize.model import ImprovedUNet
+    from tests.colorize_ref.original_unet import OriginalImprovedUNet
+
+    threads = torch.get_num_threads()
+    rows = []
+    size, bs = (64, 2) if args.quick else (256, 4)
+    torch.manual_seed(0)
+    ref = OriginalImprovedUNet()
+    variants = {"transcription": (ref, torch.contiguous_format)}
+    ref_cl = OriginalImprovedUNet()
+    ref_cl.load_state_dict(ref.state_dict())
+    variants["transcription_channels_last"] = (ref_cl.to(memory_format=torch.channels_last), torch.channels_last)
+    for name, fmt in (("ours", torch.contiguous_format), ("ours_channels_last", torch.channels_last)):
+        m = ImprovedUNet()
+        m.load_state_dict(ref.state_dict())
+        variants[name] = (m.to(memory_format=fmt), fmt)
+    x = torch.rand(bs, 3, size, size, generator=torch.Generator().manual_seed(1))
+    target = torch.rand(bs, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = ref(x)
+        max_diff = {n: float((m(x.contiguous(memory_format=f)) - expected).abs().max()) for n, (m, f) in variants.items()}
+    opts = {n: torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=0.01) for n, (m, _) in variants.items()}
+
+    def forward(n):
+        m, f = variants[n]
+        with torch.inference_mode():
+            m(x.contiguous(memory_format=f))
+
+    def step(n):
+        m, f = variants[n]
+        opts[n].zero_grad(set_to_none=True)
+        F.l1_loss(m(x.contiguous(memory_format=f)), target).backward()
+        opts[n].step()
+
+    reps = max(1, args.repeats // 2) if not args.quick else args.repeats
+    times = {n: {"forward": [], "step": []} for n in variants}
+    for n in variants:  # warm-up (allocations, oneDNN primitive caches, optimizer state)
+        forward(n)
+        step(n)
+    for _ in range(reps):  # interleaved, so drift in machine load hits every variant alike
+        for n in variants:
+            times[n]["forward"].append(timed(lambda: forward(n), 1, warmup=0))
+            times[n]["step"].append(timed(lambda: step(n), 1, warmup=0))
+    base = {k: statistics.median(v) for k, v in times["transcription"].items()}
+    for n in variants:
+        fwd, stp = statistics.median(times[n]["forward"]), statistics.median(times[n]["step"])
+        rows.append({"what": f"improved_unet {n}", "size": size, "batch": bs, "forward_img_s": bs / fwd,
+                     "forward_speedup": base["forward"] / fwd, "train_img_s": bs / stp,
+                     "train_speedup": base["step"] / stp, "max_abs_diff_vs_transcription": max_diff[n]})
+        print(f"  {n}: forward {bs / fwd:.3g} img/s, train step {bs / stp:.3g} img/s", flush=True)
+    del variants, opts, ref, ref_cl
+
+    # peak memory of one training step, each variant alone in a fresh process
+    msize, mbs = (128, 2) if args.quick else (512, 2)
+    mem = {}
+    for variant in ("transcription", "ours", "ours_channels_last"):
+        code = _COLORIZE_MEM_CHILD.format(repo=str(REPO), threads=threads, variant=variant, size=msize, bs=mbs)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"memory child {variant} failed:\n{res.stderr[-3000:]}")
+        before, peak = (int(v) for v in res.stdout.split()[-2:])
+        mem[variant] = (before / 1024, peak / 1024)
+        print(f"  {variant}: peak RSS {peak / 1024:.0f} MiB ({before / 1024:.0f} MiB before the step)", flush=True)
+    for variant, (before, peak) in mem.items():
+        rows.append({"what": f"train step peak RSS {variant}", "size": msize, "batch": mbs, "peak_mib": peak,
+                     "step_mib": peak - before, "vs_transcription": peak / mem["transcription"][1]})
+
+    # evaluate.py throughput on 512x512 PNGs
+    from colorize.evaluate import evaluate
+    from colorize.metrics import hue_similarity
+    n_img, esize = (6, 128) if args.quick else (24, 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _colorize_eval_set(folder, n_img, esize)
+        items = [(p.stem, folder / "pred" / p.name, p, folder / "inputs" / p.name, False)
+                 for p in sorted((folder / "gt").iterdir())]
+        t_ours = timed(lambda: evaluate(items), max(1, args.repeats // 2))
+        ours_score = float(np.mean([r["score"] for r in evaluate(items)]))
+        rows.append({"what": "evaluate.py (numpy)", "size": esize, "images": n_img, "img_s": n_img / t_ours,
+                     "vs_reference": 1.0, "mean_score": ours_score})
+        try:
+            from skimage.metrics import structural_similarity
+
+            from colorize.data import damage_mask, load_rgb
+
+            def skimage_loop():
+                for _, pred_p, gt_p, inp_p, _ in items:
+                    gt, pred, inp = load_rgb(gt_p), load_rgb(pred_p), load_rgb(inp_p)
+                    mask = damage_mask(inp, gt)
+                    dr = pred.max() - pred.min()
+                    structural_similarity(gt, pred, channel_axis=-1, data_range=dr)
+                    structural_similarity(gt[mask], pred[mask], channel_axis=-1, data_range=dr)
+                    hue_similarity(gt, pred)
+            t_sk = timed(skimage_loop, max(1, args.repeats // 2))
+            rows.append({"what": "scikit-image SSIM terms (+ this hue histogram)", "size": esize, "images": n_img,
+                         "img_s": n_img / t_sk, "ours_speedup": t_sk / t_ours})
+        except ImportError:
+            print("  scikit-image not installed: no scikit-image row")
+        ref_python = os.environ.get("COLORIZE_BENCH_REF_PYTHON", sys.executable)
+        res = subprocess.run([ref_python, str(REPO / "tests" / "colorize_ref" / "bench_metric_ref.py"), str(folder),
+                              "--repeats", str(max(1, args.repeats // 2))], capture_output=True, text=True)
+        if res.returncode == 0:
+            ref_row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append({"what": f"baseline scoring loop (OpenCV {ref_row['opencv']} + scikit-image)", "size": esize,
+                         "images": n_img, "img_s": ref_row["img_s"], "ours_speedup": (n_img / t_ours) / ref_row["img_s"],
+                         "mean_score": ref_row["score"], "score_diff": abs(ref_row["score"] - ours_score)})
+        else:
+            print(f"  OpenCV + scikit-image reference skipped ({ref_python} lacks them; set "
+                  f"COLORIZE_BENCH_REF_PYTHON to a Python that has them)")
+
+    if torch.cuda.is_available():
+        rows += _bench_colorize_cuda(args)
+    report(rows, f"colorize, {threads} threads")
+    return rows
+
+
+def _bench_colorize_cuda(args) -> list[dict]:
+    """improved_unet on CUDA, channels_last: fp32 / bf16 / fp16 autocast, eager and
+    torch.compile(mode='reduce-overhead') (the original's), forward and AdamW training step."""
+    from colorize.model import ImprovedUNet
+
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    size, bs = (64, 2) if args.quick else (256, 4)
+    rows, ref = [], {}
+    for compiled in (False, True):
+        for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            torch.manual_seed(0)
+            model = ImprovedUNet().to(dev, memory_format=torch.channels_last)
+            run = torch.compile(model, mode="reduce-overhead") if compiled else model
+            x = torch.rand(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+            y = torch.rand(bs, 3, size, size, device=dev)
+            opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.01)
+            scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+            ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+
+            def forward():
+                with torch.no_grad(), ctx():
+                    run(x)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with ctx():
+                    loss = F.l1_loss(run(x).float(), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            model.eval()
+            t_fwd = timed(forward, args.repeats, warmup=3)
+            model.train()
+            t_step = timed(step, args.repeats, warmup=3)
+            ref = ref or {"fwd": t_fwd, "step": t_step}
+            name = f"{prec}{' compiled' if compiled else ''}"
+            rows.append({"what": f"cuda improved_unet {name}", "size": size, "batch": bs, "forward_img_s": bs / t_fwd,
+                         "fwd_vs_fp32_eager": ref["fwd"] / t_fwd, "train_img_s": bs / t_step,
+                         "train_vs_fp32_eager": ref["step"] / t_step})
+            print(f"  cuda {name}: forward {bs / t_fwd:.4g} img/s, train step {bs / t_step:.4g} img/s", flush=True)
+            del model, run, opt
+            torch.cuda.empty_cache()
     return rows
 
 
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "gpu": bench_gpu,
-            "phaseformer": bench_phaseformer}
-CPU_SECTIONS = ["common", "crbl", "battery_ct", "phaseformer"]
+            "colorize": bench_colorize, "phaseformer": bench_phaseformer}
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "colorize", "phaseformer"]
 
 
 def main():

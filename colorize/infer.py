@@ -1,0 +1,172 @@
+"""Restore damaged grayscale images with a trained U-Net; write a submission-ready folder (and zip).
+
+  python colorize/infer.py --weights runs/colorize/.../best.pt --input DATA/test.csv --out preds/ --zip
+  python colorize/infer.py --weights best_model.pth --input test_input/ --out preds/ --size 128 --model improved_unet
+
+--weights takes a checkpoint of colorize/train.py (it knows its model, width and training size) or
+one of the original's (`best_model.pth`, `model_epoch_N.pth`, `interrupted_model.pth`: a dict with
+`model_state_dict`, saved on a GPU or not, with or without torch.compile's `_orig_mod.` prefix), or a
+plain state_dict; the architecture is read from the weights and --model, when given, must agree.
+--input is a folder of images, one image, or a test.csv (`input_image_path`, relative to the CSV).
+
+Each input is read as RGB, resized to --size x --size (OpenCV INTER_LINEAR geometry, as the original
+loaded it), restored, resized back to the input's own size, rounded to 8 bit and written as a PNG
+with the input's file name (a .jpg input gives name.png). --zip also writes a flat zip of those
+PNGs, the form the competition accepts (default OUT/submission.zip).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from colorize.data import TASK, load_rgb, read_inputs, resize_tensor, resize_u8, to_tensor, to_u8
+from colorize.model import MODEL_NAMES, build_model, load_original_state, load_state_strict
+from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
+                        apply_runtime_args, int_range)
+from common.data import list_images
+from common.device import select_device
+from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_untrusted, make_output_dir,
+                       run_cli, save_image)
+
+ORIGINAL_SIZE = 128   # the original's default resolution
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or the original's best_model.pth")
+    p.add_argument("--input", type=Path, required=True, help="folder of images, an image, or test.csv")
+    p.add_argument("--out", type=Path, required=True, help="folder for the restored PNGs")
+    p.add_argument("--model", choices=MODEL_NAMES, help="architecture, checked against the weights")
+    p.add_argument("--size", type=int_range(16, 4096), default=None,
+                   help="model input size, a multiple of 16 (default: the checkpoint's training size; "
+                        f"{ORIGINAL_SIZE} for the original's checkpoints)")
+    p.add_argument("--zip", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write a flat zip of the PNGs (default OUT/submission.zip)")
+    p.add_argument("--overwrite", action="store_true", help="replace PNGs / a zip already in the way")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader processes reading the images")
+    p.add_argument("--device", default="auto")
+    add_threads_arg(p)
+    add_max_pixels_arg(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model
+def load_model(path: Path, model: str | None) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, {'model', 'width', 'img_size' or None, 'source'})."""
+    # mapped, not read: the original's files carry AdamW state, three times the weights' size
+    obj = load_untrusted(path, mmap=True)
+    if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
+        cfg = obj.get("config") or {}
+        if cfg.get("task") != TASK or cfg.get("model") not in MODEL_NAMES:
+            raise UserError(f"{path}: not a colorize checkpoint (its config names no colorize model)")
+        name, width = cfg["model"], int(cfg.get("net_width", 64))
+        if model is not None and model != name:
+            raise UserError(f"{path}: the checkpoint holds a {name} model, not --model {model}")
+        sd, info = obj["model"], {"img_size": cfg.get("net_img_size"), "source": f"colorize/train.py, epoch {obj.get('epoch')}"}
+    else:
+        sd, name, width = load_original_state(obj, path, model)
+        info = {"img_size": None, "source": "original-format weights"}
+    net = build_model(name, width)
+    load_state_strict(net, sd, path)
+    return net.eval(), {"model": name, "width": width, **info}
+
+
+# ---------------------------------------------------------------- inputs
+def collect_inputs(item: Path) -> list[Path]:
+    if item.suffix.lower() == ".csv" and item.is_file():
+        return read_inputs(item)
+    return list_images(item)
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """name.png per input; two inputs with the same name cannot share the flat output folder."""
+    names, seen = [], {}
+    for p in paths:
+        name = p.stem + ".png"
+        if name in seen:
+            raise UserError(f"{p}: same output name {name} as {seen[name]} (the output folder and the zip are flat)")
+        seen[name] = p
+        names.append(name)
+    return names
+
+
+class InputImages(Dataset):
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        rgb = load_rgb(self.paths[i])
+        return to_tensor(resize_u8(rgb, (self.size, self.size))), torch.tensor(rgb.shape[:2])
+
+
+# ---------------------------------------------------------------- output
+def restore_to_size(pred: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """(3, S, S) model output -> uint8 (H, W, 3) at the input's size, bilinear, rounded."""
+    return to_u8(resize_tensor(pred.float(), hw).clamp_(0, 1))
+
+
+def write_zip(path: Path, folder: Path, names: list[str]) -> None:
+    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for n in names:
+            z.write(folder / n, arcname=n)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    apply_runtime_args(args)
+    if args.size is not None and args.size % 16:
+        raise UserError(f"--size {args.size}: must be a multiple of 16 (the U-Nets pool four times)")
+    paths = collect_inputs(args.input)
+    names = output_names(paths)
+    zip_path = None
+    if args.zip is not None:
+        zip_path = Path(args.zip) if args.zip else args.out / "submission.zip"
+        if zip_path.suffix.lower() != ".zip":
+            raise UserError(f"--zip {zip_path}: expected a .zip file name")
+    # every check before any work: nothing already there is replaced without --overwrite
+    check_output_dir(args.out, names, args.overwrite)
+    if zip_path is not None:
+        check_output_file(zip_path, args.overwrite, flag="--zip")
+    net, info = load_model(args.weights, args.model)
+    size = args.size or info["img_size"] or ORIGINAL_SIZE
+    if args.size is None and info["img_size"] is None:
+        print(f"note: the weights do not record their training size: using {ORIGINAL_SIZE} (the original's "
+              f"default); give --size to match how they were trained")
+    device = select_device(args.device)
+    # NHWC suits cuDNN; on the CPU both layouts run at about the same speed
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = net.to(device, memory_format=layout)
+    print(f"{info['model']} width {info['width']} ({info['source']}) at {size}x{size}: {len(paths)} image(s) "
+          f"from {args.input}")
+
+    make_output_dir(args.out)
+    loader = DataLoader(InputImages(paths, size), batch_size=args.batch_size, num_workers=args.workers)
+    done = 0
+    with torch.inference_mode():
+        for x, hw in tqdm(loader, desc="restoring", leave=False, disable=len(loader) < 2):
+            pred = net(x.to(device).contiguous(memory_format=layout)).cpu()
+            for p, (h, w) in zip(pred, hw.tolist()):
+                save_image(args.out / names[done], restore_to_size(p, (h, w)))
+                done += 1
+    print(f"{done} restored image(s) written to {args.out}")
+    if zip_path is not None:
+        write_zip(zip_path, args.out, names)
+        print(f"submission zip ({len(names)} PNGs, no folders): {zip_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
