@@ -41,9 +41,10 @@ N_POINTS = 301
 FIRST_NM = 400.0                      # CR_recon's assumption: index 0 is 400 nm, 1 nm steps
 CELL_LAYOUT = (("R", "G"), ("G", "B"))
 SPLIT_FORMAT = "cr-spectral-split/1"
-BUILTIN_VERSION = "spectral-1"
+BUILTIN_VERSION = "spectral-3"
 RELEASE_EVERY = 2048                  # rows read between releases of mapped pages
-SCAN_ROWS = 4096                      # rows per chunk when scanning a file
+SCAN_ROWS = 1024                      # spectra rows per chunk when scanning (4 MB)
+STRUCT_SCAN_ROWS = 128                # structure rows per chunk when grouping them (2 MB)
 
 
 def sample_indices(out_len: int) -> np.ndarray:
@@ -239,26 +240,27 @@ class RawData:
 
     def structure_groups(self) -> np.ndarray:
         """A group id per valid row: rows whose structures are equal, or equal after a 180-degree
-        rotation, share one. Reads every structure once (and checks the 0/1 values on the way)."""
+        rotation, share one. Reads every structure once, a window of rows at a time (and checks the
+        0/1 values on the way)."""
         keys: dict[bytes, int] = {}
         groups = np.empty(len(self), np.int64)
         for k, s in enumerate(self.structs):
-            sel = np.flatnonzero(self.part == k)
-            if not len(sel):
-                continue
-            rows = self.row[sel]
-            for start in range(0, len(sel), SCAN_ROWS):
-                chunk_rows = rows[start:start + SCAN_ROWS]
-                lo, hi = int(chunk_rows[0]), int(chunk_rows[-1]) + 1
-                block = s.read(lo, hi)[chunk_rows - lo]
-                for i, r in enumerate(chunk_rows):
-                    self._check_structure(block[i], k, int(r))
+            valid = np.flatnonzero(self.part == k)       # valid-row indices of this part, by row
+            rows = self.row[valid]
+            for lo in range(0, s.rows, STRUCT_SCAN_ROWS):
+                hi = min(lo + STRUCT_SCAN_ROWS, s.rows)
+                a, b = np.searchsorted(rows, [lo, hi])
+                if a == b:
+                    continue
+                block = s.read(lo, hi)[rows[a:b] - lo]
+                for i in range(b - a):
+                    self._check_structure(block[i], k, int(rows[a + i]))
                 plain = np.packbits(block.reshape(len(block), -1) != 0, axis=1)
                 rotated = np.packbits(rotate_structure(block).reshape(len(block), -1) != 0, axis=1)
-                for i in range(len(block)):
-                    a = hashlib.blake2b(plain[i].tobytes(), digest_size=16).digest()
-                    b = hashlib.blake2b(rotated[i].tobytes(), digest_size=16).digest()
-                    groups[sel[start + i]] = keys.setdefault(min(a, b), len(keys))
+                for i in range(b - a):
+                    key = min(hashlib.blake2b(plain[i].tobytes(), digest_size=16).digest(),
+                              hashlib.blake2b(rotated[i].tobytes(), digest_size=16).digest())
+                    groups[valid[a + i]] = keys.setdefault(key, len(keys))
             s.release()
         return groups
 
@@ -371,28 +373,30 @@ def load_split(path: str | os.PathLike, raw: RawData) -> Split:
 
 
 # ---------------------------------------------------------------- built-in demo data
-FILM_NM = 300.0          # film thickness
+FILM_NM = 50.0           # film thickness
 SUBSTRATE_INDEX = 1.46   # glass
-EFFICIENCY = 0.65        # detected fraction of the transmitted light (sets the scale of the data)
-SIGMA_PX = 18.0          # radius of the region above a pixel that sets its effective index
+EFFICIENCY = 0.65        # detected fraction of the transmitted light (sets the scale, as in the real data)
+SIGMA_PX = 18.0          # radius of the region above a pixel that sets its film's effective index
 
 
 def film_index(wavelength_nm: np.ndarray) -> np.ndarray:
-    """A TiO2-like dielectric, Cauchy dispersion."""
-    um = wavelength_nm / 1000.0
-    return 2.20 + 0.03 / um ** 2
+    """An absorbing, silicon-like film: n - ik with n about 4 and an absorption that falls from the
+    blue to the red."""
+    x = (wavelength_nm - 400.0)
+    return (3.9 + 0.6 * np.exp(-x / 120.0)) - 1j * (1.6 * np.exp(-x / 70.0) + 0.03)
 
 
 def thin_film_transmission(fill: np.ndarray, wavelength_nm: np.ndarray) -> np.ndarray:
-    """Normal-incidence transmission of a lossless film (air / film / glass, Airy formula) whose
-    index is the effective medium of `fill` (0..1) film material and air; (N,) x (L,) -> (N, L)."""
+    """Normal-incidence transmission into glass through a film (air / film / glass, Airy formula)
+    whose permittivity is the effective medium of `fill` (0..1) film material and air; (N,) x (L,) -> (N, L)."""
     n_film = film_index(wavelength_nm)[None, :]
-    n_eff = np.sqrt(fill[:, None] * n_film ** 2 + (1.0 - fill[:, None]))
-    r01 = (1.0 - n_eff) / (1.0 + n_eff)
-    r12 = (n_eff - SUBSTRATE_INDEX) / (n_eff + SUBSTRATE_INDEX)
-    phase = np.exp(2j * (2 * np.pi * n_eff * FILM_NM / wavelength_nm[None, :]))
-    r = (r01 + r12 * phase) / (1.0 + r01 * r12 * phase)
-    return 1.0 - np.abs(r) ** 2
+    n1 = np.sqrt(fill[:, None] * n_film ** 2 + (1.0 - fill[:, None]))
+    n0, n2 = 1.0, SUBSTRATE_INDEX
+    r01, r12 = (n0 - n1) / (n0 + n1), (n1 - n2) / (n1 + n2)
+    t01, t12 = 2 * n0 / (n0 + n1), 2 * n1 / (n1 + n2)
+    phase = np.exp(-1j * 2 * np.pi * n1 * FILM_NM / wavelength_nm[None, :])
+    t = t01 * t12 * phase / (1.0 + r01 * r12 * phase ** 2)
+    return (n2 / n0) * np.abs(t) ** 2
 
 
 def _periodic_gaussian(center: tuple[float, float], size: int = 128, sigma: float = SIGMA_PX) -> np.ndarray:
@@ -430,8 +434,9 @@ def physical_spectra(structs: np.ndarray) -> np.ndarray:
 
 
 def random_structures(n: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """Periodic binary patterns: low-pass filtered noise (periodic by construction, features of
-    ~10 px) plus a random bias per quarter, thresholded at 0."""
+    """Periodic binary patterns with half of the cell filled: low-pass filtered noise (periodic by
+    construction, features of ~10 px) plus a random bias per quarter, cut at its median. The fill of
+    each quarter varies (about 0.2 to 0.8); the fill of the whole cell does not."""
     k = np.fft.fftfreq(size)
     lowpass = np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.04 ** 2))
     bumps = [_periodic_gaussian(c, size, 20.0) for c in ((31.5, 31.5), (31.5, 95.5), (95.5, 31.5), (95.5, 95.5))]
@@ -439,9 +444,8 @@ def random_structures(n: int, rng: np.random.Generator, size: int = 128) -> np.n
     out = np.empty((n, 1, size, size), np.uint8)
     for i in range(n):
         field = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * lowpass).real
-        field /= field.std()
-        bias = sum(a * b for a, b in zip(rng.uniform(-2.0, 2.0, 4), bumps))
-        out[i, 0] = (field + bias + rng.uniform(-0.5, 0.5)) > 0
+        field = field / field.std() + sum(a * b for a, b in zip(rng.uniform(-2.0, 2.0, 4), bumps))
+        out[i, 0] = field > np.median(field)
     return out
 
 

@@ -130,7 +130,8 @@ def check_loss_params(name: str, params: dict, where: str = "loss.params") -> di
 
 def build_loss(name: str, **params) -> nn.Module:
     """`mse_pearson` or `weighted_smooth` with CR_recon's parameters; callable as loss(pred, tgt)."""
-    return LOSSES[name](**check_loss_params(name, params))
+    params = check_loss_params(name, params)
+    return LOSSES[name](**params)
 
 
 @torch.no_grad()

@@ -299,7 +299,8 @@ def check_model_params(name: str, params: dict, where: str = "model.params") -> 
 
 def build_model(name: str, **params) -> nn.Module:
     """`cnn_xattn` or `cnn_gru` with CR_recon's constructor arguments (model.params of a config)."""
-    return MODELS[name](**check_model_params(name, params))
+    params = check_model_params(name, params)
+    return MODELS[name](**params)
 
 
 # ---------------------------------------------------------------- reading weights
