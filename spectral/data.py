@@ -41,7 +41,7 @@ N_POINTS = 301
 FIRST_NM = 400.0                      # CR_recon's assumption: index 0 is 400 nm, 1 nm steps
 CELL_LAYOUT = (("R", "G"), ("G", "B"))
 SPLIT_FORMAT = "cr-spectral-split/1"
-BUILTIN_VERSION = "spectral-3"
+BUILTIN_VERSION = "spectral-4"
 RELEASE_EVERY = 2048                  # rows read between releases of mapped pages
 SCAN_ROWS = 1024                      # spectra rows per chunk when scanning (4 MB)
 STRUCT_SCAN_ROWS = 128                # structure rows per chunk when grouping them (2 MB)
@@ -434,9 +434,9 @@ def physical_spectra(structs: np.ndarray) -> np.ndarray:
 
 
 def random_structures(n: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """Periodic binary patterns with half of the cell filled: low-pass filtered noise (periodic by
-    construction, features of ~10 px) plus a random bias per quarter, cut at its median. The fill of
-    each quarter varies (about 0.2 to 0.8); the fill of the whole cell does not."""
+    """Periodic binary patterns: low-pass filtered noise (periodic by construction, features of
+    ~10 px) plus a random bias per quarter, cut at a random level around its median, so that the
+    fill of the cell (about 0.2 to 0.8) and of each quarter vary."""
     k = np.fft.fftfreq(size)
     lowpass = np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.04 ** 2))
     bumps = [_periodic_gaussian(c, size, 20.0) for c in ((31.5, 31.5), (31.5, 95.5), (95.5, 31.5), (95.5, 95.5))]
@@ -444,8 +444,8 @@ def random_structures(n: int, rng: np.random.Generator, size: int = 128) -> np.n
     out = np.empty((n, 1, size, size), np.uint8)
     for i in range(n):
         field = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * lowpass).real
-        field = field / field.std() + sum(a * b for a, b in zip(rng.uniform(-2.0, 2.0, 4), bumps))
-        out[i, 0] = field > np.median(field)
+        field = field / field.std() + sum(a * b for a, b in zip(rng.uniform(-1.0, 1.0, 4), bumps))
+        out[i, 0] = field > np.median(field) + rng.uniform(-0.8, 0.8)
     return out
 
 

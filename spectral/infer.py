@@ -125,7 +125,7 @@ class NpyStructures:
         bad = ~((a == 0) | (a == 1))
         if bad.any():
             i = start + int(np.argmax(bad.reshape(len(a), -1).any(1)))
-            v = a.reshape(len(a), -1)[i - start][bad.reshape(len(a), -1)[i - start]][0]
+            v = a.reshape(len(a), -1)[i - start][bad.reshape(len(a), -1)[i - start]][0].item()
             raise UserError(f"{self.path}: structure {i} holds the value {v!r}; structures must be 0 or 1")
         return a.astype(np.float32)
 

@@ -45,8 +45,8 @@ from spectral.model import build_model
 
 TASK = "spectral"
 # The built-in demo: CR_recon's default model and loss, a recipe that learns in about a minute on a CPU
-DEMO = {"data": {"batch_size": 16, "train_ratio": 0.9, "num_workers": 0},
-        "training": {"epochs": 3, "lr": 1e-3, "warmup_ratio": 0.1, "save_every": 0},
+DEMO = {"data": {"batch_size": 8, "train_ratio": 0.9, "num_workers": 0},
+        "training": {"epochs": 3, "lr": 3e-4, "warmup_ratio": 0.1, "save_every": 0},
         "dashboard": {"enabled": False}}
 # (flag, config section, key): common flags that override the config
 OVERRIDES = [("epochs", "training", "epochs"), ("batch_size", "data", "batch_size"), ("lr", "training", "lr"),
@@ -263,6 +263,7 @@ def main(argv=None):
     val_targets = torch.from_numpy(to_cells(raw.targets[split.val]))
     train_mean = mean_cells(train_set)
     baseline = mean_baseline(train_mean, val_targets, criterion.cpu())
+    baseline_mse = float(((train_mean - val_targets) ** 2).mean())
     criterion.to(run.device)
 
     model = build_model(model_name, **cfg["model"]["params"])
@@ -300,7 +301,7 @@ def main(argv=None):
         out = {"val_loss": float(criterion.cpu()(pred, tgt)), **finish_metrics(spectral_metrics(pred, tgt))}
         criterion.to(run.device)
         if main_rank:
-            out["val_baseline_loss"] = baseline
+            out["val_baseline_loss"], out["val_baseline_mse"] = baseline, baseline_mse
             live.epoch(trainer.epoch + 1, ((sample_x + 1) / 2 if cfg["data"]["map_to_pm1"] else sample_x).numpy(),
                        sample_y.numpy(), pred[0].numpy(),
                        f"epoch {trainer.epoch + 1}: validation structure 0 (row {int(raw.global_row[split.val[0]])})")
@@ -349,7 +350,7 @@ def main(argv=None):
         print(f"training: {tr['epochs']} epoch(s) x {steps_per_epoch} step(s) of {bs}, AdamW lr {tr['lr']:g} "
               f"(warm-up {int(tr['warmup_ratio'] * total_steps)} steps, cosine), weight decay {tr['weight_decay']:g}, "
               f"clip {tr['grad_clip']:g}, amp {amp}, channels_last {channels_last}")
-        print(f"baseline: predicting the mean training spectrum gives val_loss {baseline:.4g}")
+        print(f"baseline: predicting the mean training spectrum gives val_loss {baseline:.4g} (val_mse {baseline_mse:.4g})")
     try:
         result = trainer.fit(resume=args.resume)
         if dashboard is not None and args.dashboard_keep > 0:
@@ -365,11 +366,12 @@ def main(argv=None):
             live.close()
     if main_rank and result["best_epoch"]:
         best = result["history"][result["best_epoch"] - 1]
-        gain = 100.0 * (1.0 - best["val_loss"] / baseline) if baseline > 0 else 0.0
-        print(f"best epoch {result['best_epoch']}: val_loss {best['val_loss']:.4g} vs {baseline:.4g} for the "
-              f"training mean ({gain:+.0f}% {'lower' if gain >= 0 else 'higher'}); val_mse {best['val_mse']:.3g}, "
-              f"pearson r {best['val_pearson_r']:.3f}, rmse R/G/B {best['val_rmse_R']:.3g}/{best['val_rmse_G']:.3g}/"
-              f"{best['val_rmse_B']:.3g}")
+        def vs(value, ref):
+            return f"{abs(100.0 * (1.0 - value / ref)):.0f}% {'lower' if value <= ref else 'higher'}" if ref > 0 else "n/a"
+        print(f"best epoch {result['best_epoch']}: val_loss {best['val_loss']:.4g} vs {baseline:.4g} for predicting the "
+              f"training mean ({vs(best['val_loss'], baseline)}); val_mse {best['val_mse']:.3g} vs {baseline_mse:.3g} "
+              f"({vs(best['val_mse'], baseline_mse)}); pearson r {best['val_pearson_r']:.3f}; rmse R/G/B "
+              f"{best['val_rmse_R']:.3g}/{best['val_rmse_G']:.3g}/{best['val_rmse_B']:.3g}")
         print(f"predict: python spectral/infer.py --weights {run.out_dir / 'best.pt'} --structs STRUCTS.npy "
               f"--out predictions.npy")
     cleanup(run.info)
