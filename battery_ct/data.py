@@ -59,9 +59,12 @@ def read_split(split: str | Path, root: str | Path | None = None, num_classes: i
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        parts = line.split("\t")
-        if len(parts) < 2:
-            raise UserError(f"{split}, line {n}: expected 'path<TAB>label', found no tab")
+        parts = line.rstrip().split("\t")
+        if len(parts) != 2:
+            found = "no tab" if len(parts) < 2 else f"{len(parts)} tab-separated fields"
+            raise UserError(f"{split}, line {n}: expected 'path<TAB>label', found {found}")
+        if "\0" in parts[0]:
+            raise UserError(f"{split}, line {n}: the path contains a NUL byte")
         label = parts[1].strip()
         if label in CLASS_NAMES[:num_classes]:
             label = CLASS_NAMES.index(label)

@@ -40,10 +40,12 @@ from battery_ct.data import (BUILTIN_VERSION, IMAGENET_MEAN, IMAGENET_STD, Split
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score, build_model,
                               fuse_for_inference)
 from battery_ct.train import TASK, classify, normalization
+from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
+                        apply_runtime_args, float_range, int_range)
 from common.data import ensure_builtin, list_images
 from common.device import select_device
-from common.io import (UserError, atomic_open, atomic_write_text, image_to_tensor, load_image, load_untrusted,
-                       load_weights_into, run_cli, save_image, state_dict_from)
+from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
+                       load_untrusted, load_weights_into, make_output_dir, run_cli, save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
@@ -51,7 +53,7 @@ PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a plain state_dict")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", type=Path, help="labelled split file (path<TAB>label)")
@@ -59,19 +61,21 @@ def parse_args(argv=None):
     src.add_argument("--images", type=Path, nargs="+", help="image files and/or folders (no labels)")
     p.add_argument("--root", type=Path, help="base folder for relative paths in the split file")
     p.add_argument("--model", choices=MODEL_NAMES, help="needed for a plain state_dict; checked against a checkpoint")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=int_range(32, 8192), default=None,
                    help="input size for a plain state_dict (default 512); overrides a checkpoint's size")
-    p.add_argument("--threshold", type=float, default=None, help="ae: override the stored anomaly threshold")
+    p.add_argument("--threshold", type=float_range(0), default=None, help="ae: override the stored anomaly threshold")
     p.add_argument("--task", choices=("classify", "segment"), default=None,
                    help="default: segment for deeplab_seg weights, else classify")
     p.add_argument("--crop", choices=("slide", "whole"), default="slide", help="segmentation: windows or whole image")
-    p.add_argument("--window", type=int, default=640, help="segmentation window size (px)")
-    p.add_argument("--stride", type=int, default=480, help="segmentation window stride (px)")
+    p.add_argument("--window", type=int_range(16, 8192), default=640, help="segmentation window size (px)")
+    p.add_argument("--stride", type=POSITIVE_INT, default=480, help="segmentation window stride (px, <= --window)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/battery_ct/infer-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--workers", type=NONNEG_INT, default=2)
     p.add_argument("--device", default="auto")
+    add_threads_arg(p)
+    add_max_pixels_arg(p)
     return p.parse_args(argv)
 
 
@@ -130,15 +134,6 @@ def resolve_inputs(args) -> tuple[list[tuple[Path, int]], bool, str]:
     else:
         split = ensure_builtin(TASK, BUILTIN_VERSION, make_builtin_dataset) / "test.txt"
     return read_split(split, args.root), True, str(split)
-
-
-def check_outputs(out: Path, names: list[str], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if not overwrite:
-        for n in names:
-            if (out / n).exists():
-                raise UserError(f"{out / n} already exists; choose another --out or pass --overwrite")
 
 
 # ---------------------------------------------------------------- classification / anomaly
@@ -260,7 +255,7 @@ def main_classify(args, model, cfg, extra, device):
     name = cfg["model"]
     out = args.out or Path("runs") / TASK / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
     files = ["predictions.csv"] + (["metrics.json", "confusion_matrix.png"] if labelled else [])
-    check_outputs(out, files, args.overwrite)
+    check_output_dir(out, files, args.overwrite)
     threshold, thr_source = None, None
     if name == "ae":
         if args.threshold is not None:
@@ -275,7 +270,7 @@ def main_classify(args, model, cfg, extra, device):
         raise UserError(f"image size {cfg['image_size']} does not suit {name}")
 
     probs, preds, coarse = run_classifier(model, cfg, items, device, args.batch_size, args.workers)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     paths = [str(p) for p, _ in items]
     if name == "ae":
         flags = (probs.double() >= threshold).tolist()
@@ -366,8 +361,8 @@ def main_segment(args, model, cfg, device):
     if cfg["model"] != "deeplab_seg":
         raise UserError(f"{args.weights}: --task segment needs deeplab_seg weights "
                         f"(scripts/convert_deeplab.py --task segment), not {cfg['model']}")
-    if args.window < 16 or not 0 < args.stride <= args.window:
-        raise UserError(f"--window must be at least 16 and 0 < --stride <= --window (got {args.window}, {args.stride})")
+    if args.stride > args.window:
+        raise UserError(f"--stride {args.stride} must not exceed --window {args.window} (pixels would be skipped)")
     items, _, source = resolve_inputs(args)
     paths = [p for p, _ in items]
     out = args.out or Path("runs") / TASK / f"segment-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -375,12 +370,12 @@ def main_segment(args, model, cfg, device):
     if len(set(stems)) != len(stems):
         stems = [f"{i:05d}_{s}" for i, s in enumerate(stems)]
     files = [f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay")] + ["segments.csv"]
-    check_outputs(out, files, args.overwrite)
+    check_output_dir(out, files, args.overwrite)
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     pad = (0.0 - mean) / std  # black, normalised
     n = cfg["num_classes"]
     rows = []
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     for path, stem in tqdm(list(zip(paths, stems)), desc="segment", leave=False, disable=len(paths) <= 1):
         im = load_image(path, "RGB")
         rgb = np.asarray(im)
@@ -402,8 +397,7 @@ def main_segment(args, model, cfg, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        raise UserError("--batch-size must be at least 1 and --workers 0 or more")
+    apply_runtime_args(args)
     model, cfg, extra = load_model(args)
     task = args.task or ("segment" if cfg["model"] == "deeplab_seg" else "classify")
     if task == "classify" and cfg["model"] == "deeplab_seg":

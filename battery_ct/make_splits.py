@@ -17,7 +17,8 @@ from pathlib import Path
 from battery_ct.data import (CLASS_NAMES, class_counts, parse_name, read_split, split_by_battery,
                              write_split)
 from common.data import IMAGE_SUFFIXES
-from common.io import UserError, run_cli
+from common.cli import NONNEG_INT, ArgumentParser
+from common.io import UserError, check_output_dir, make_output_dir, run_cli
 
 
 
@@ -33,23 +34,21 @@ def items_from_folders(root: Path) -> list[tuple[Path, int]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="split-format file listing every image")
     src.add_argument("--images", type=Path, help="folder with one sub-folder per class")
     p.add_argument("--root", type=Path, help="base for relative paths in --labels")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=NONNEG_INT, default=42)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    items = read_split(args.labels, args.root) if args.labels else items_from_folders(args.images)
     targets = [args.out / f"{s}.txt" for s in ("train", "val", "test")]
-    existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace the splits")
+    check_output_dir(args.out, [t.name for t in targets], args.overwrite)
+    items = read_split(args.labels, args.root) if args.labels else items_from_folders(args.images)
     splits = split_by_battery([(p.resolve(), y) for p, y in items], seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.out)
     out = args.out.resolve()
     for name, files in splits.items():
         inside = all(str(f).startswith(str(out) + os.sep) for f, _ in files)

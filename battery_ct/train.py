@@ -37,7 +37,8 @@ from battery_ct.data import BUILTIN_VERSION, SplitDataset, class_counts, make_bu
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, NORMAL_CLASSES, FocalLoss,
                               HDCNNLoss, anomaly_score, build_model, hdcnn_decision, load_converted)
 from common.checkpoint import load_checkpoint
-from common.cli import add_common_args, setup_run
+from common import cli
+from common.cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
 from common.data import BalancedSampler, ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.io import UserError, atomic_torch_save, atomic_write_text, load_weights_into, run_cli
@@ -62,16 +63,16 @@ AE_MSE_WEIGHT, AE_SSIM_WEIGHT = 0.7, 0.3
 
 # ---------------------------------------------------------------- arguments
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=TRAINABLE)
     add_common_args(p, epochs=None, batch_size=None, lr=None, clip_grad=1.0)
     p.add_argument("--train-split", type=Path, help="split file for training (instead of --data)")
     p.add_argument("--val-split", type=Path, help="split file for validation (instead of --data)")
     p.add_argument("--root", type=Path, help="base folder for relative paths in the split files")
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default 512; demo 128)")
+    p.add_argument("--image-size", type=int_range(32, 8192), default=None, help="square input size (default 512; demo 128)")
     p.add_argument("--loss", choices=("focal", "ce"), default=None, help="classifier loss (default focal)")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--gamma", type=NONNEG, default=2.0, help="focal loss gamma")
+    p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), default=0.1)
     p.add_argument("--class-weights", default=",".join(map(str, DEFAULT_CLASS_WEIGHTS)),
                    help="5 comma-separated weights (focal alpha / CE weight / HD-CNN fine CE), or 'none'")
     p.add_argument("--balanced-sampler", action="store_true",
@@ -79,12 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", choices=("adamw", "deeplab"), default=None,
                    help="adamw: AdamW + CosineAnnealingWarmRestarts(T_0=10, T_mult=2) per epoch (default); "
                         "deeplab: SGD(0.9) + poly per step, 10x lr on head/ASPP/decoder")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=NONNEG, default=None,
                    help="default 0.03 (adamw), 5e-4 (deeplab), 1e-4 (ae)")
-    p.add_argument("--patience", type=int, default=None, help="early stopping (default 7; ae 15)")
-    p.add_argument("--min-delta", type=float, default=None, help="default 0.001 (val_f1_macro); ae 1e-4 (val_loss)")
-    p.add_argument("--dropout", type=float, default=None, help="head dropout (default: the model's)")
-    p.add_argument("--rotation", type=float, default=None,
+    p.add_argument("--patience", type=POSITIVE_INT, default=None, help="early stopping (default 7; ae 15)")
+    p.add_argument("--min-delta", type=NONNEG, default=None, help="default 0.001 (val_f1_macro); ae 1e-4 (val_loss)")
+    p.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=None,
+                   help="head dropout (default: the model's)")
+    p.add_argument("--rotation", type=float_range(0, 180), default=None,
                    help="augmentation rotation in degrees (default 90 late_fusion/drn_aspp/hdcnn, 30 others, ae 10)")
     p.add_argument("--pretrained", action="store_true",
                    help="torchvision ImageNet weights from the local torch hub cache (nothing is downloaded)")
@@ -92,10 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                              "DeepLab models, else a checkpoint or state_dict of this model")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="stage 1: train only the head (DeepLab: backbone + ASPP frozen; hdcnn: shared trunk)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
+    p.add_argument("--finetune-epochs", type=NONNEG_INT, default=0,
                    help="stage 2: continue from stage 1's best with everything unfrozen, in OUT/finetune/")
-    p.add_argument("--finetune-lr", type=float, default=1e-5)
-    return p.parse_args(argv)
+    p.add_argument("--finetune-lr", type=POSITIVE, default=1e-5)
+    return cli.parse_args(p, argv)
 
 
 def parse_class_weights(spec: str) -> list[float] | None:
@@ -162,8 +164,6 @@ def apply_defaults(args, builtin: bool) -> list[str]:
 
 
 def validate(args) -> None:
-    if args.image_size < 32:
-        raise UserError(f"--image-size must be at least 32 (got {args.image_size})")
     if args.model == "ae":
         if args.image_size % 16:
             raise UserError(f"--image-size {args.image_size}: the autoencoder needs a multiple of 16")
@@ -176,14 +176,6 @@ def validate(args) -> None:
                 raise UserError(f"{flag} does not apply to --model ae (one stage, Adam, 0.7*MSE + 0.3*(1-SSIM))")
     if args.model == "hdcnn" and args.loss in ("focal", "ce"):
         raise UserError("--loss does not apply to --model hdcnn (it trains with HDCNNLoss)")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
-    if args.gamma < 0:
-        raise UserError(f"--gamma must be 0 or more (got {args.gamma})")
-    if args.finetune_epochs < 0 or not args.finetune_lr > 0:
-        raise UserError("--finetune-epochs must be 0 or more and --finetune-lr positive")
-    if args.patience < 1:
-        raise UserError(f"--patience must be at least 1 (got {args.patience})")
     if args.init is not None and not args.init.is_file():
         raise UserError(f"--init {args.init}: file not found")
 
@@ -400,7 +392,7 @@ def main(argv=None):
                 "val_auc": roc_auc_ovr(y, probs)}
 
     base_config = {**vars(args), "task": TASK, "num_classes": len(CLASS_NAMES), "class_names": list(CLASS_NAMES),
-                   "normalize": norm, "train_split": str(train_split), "val_split": str(val_split),
+                   "normalize": norm, "train_split_file": str(train_split), "val_split_file": str(val_split),
                    "builtin_data": builtin}
     monitor, mode = ("val_loss", "min") if ae else ("val_f1_macro", "max")
 
@@ -409,8 +401,10 @@ def main(argv=None):
         opt = make_optimizer(model, args, lr)  # on the plain model: param groups use its BACKBONE names
         model = wrap_model(model, run.device, run.info)
         sched, interval = make_scheduler(opt, args, epochs, steps_per_epoch)
-        config = {**base_config, "stage": stage, "epochs": epochs, "lr": lr,
-                  "freeze_backbone": args.freeze_backbone if stage == 1 else False}
+        # the stage's own values under their own names: the argument keys stay what the user gave,
+        # which is what a --resume compares against and takes over
+        config = {**base_config, "stage": stage, "stage_epochs": epochs, "stage_lr": lr,
+                  "stage_frozen": args.freeze_backbone if stage == 1 else False}
         trainer = Trainer(model, opt, loader, loss_fn, out_dir=out_dir, epochs=epochs, device=run.device,
                           info=run.info, evaluate=evaluate, scheduler=sched, scheduler_interval=interval,
                           monitor=monitor, mode=mode, min_delta=args.min_delta, patience=args.patience,

@@ -63,12 +63,23 @@ def save_checkpoint(path: str | os.PathLike, *, model, optimizer=None, scheduler
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    ckpt = load_untrusted(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "format_version" not in ckpt:
+# section -> type every training checkpoint has
+SECTIONS = {"model": dict, "epoch": int, "step": int, "rng": dict, "config": dict, "extra": dict}
+
+
+def check_checkpoint(ckpt, path) -> dict:
+    """A training checkpoint of this project with every section a resume needs, else a UserError."""
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"{path}: not a training checkpoint of this project "
                         f"(converted weights go to --init / --weights, not --resume)")
+    bad = [k for k, t in SECTIONS.items() if not isinstance(ckpt.get(k), t)]
+    if bad:
+        raise UserError(f"{path}: incomplete training checkpoint: no valid {', '.join(bad)} section(s)")
     return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    return check_checkpoint(load_untrusted(path), path)
 
 
 def restore_training_state(ckpt: dict, path, *, model, optimizer=None, scheduler=None,
@@ -85,7 +96,9 @@ def restore_training_state(ckpt: dict, path, *, model, optimizer=None, scheduler
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not match this run ({e})") from None
-    if scheduler is not None and ckpt.get("scheduler") is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
+    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and ckpt.get(name) is not None:
+            try:
+                obj.load_state_dict(ckpt[name])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{path}: {name} state does not match this run ({e})") from None

@@ -68,7 +68,12 @@ def read_csv(path: str | os.PathLike, required: tuple[str, ...]) -> list[tuple[i
             if missing:
                 raise UserError(f"{path}: missing column(s) {', '.join(missing)} "
                                 f"(header is: {','.join(reader.fieldnames or [])})")
-            rows = [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files fields beyond the header under the key None
+                    raise UserError(f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                                    f"fields, but the header has {len(reader.fieldnames)}")
+                rows.append((reader.line_num, row))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text CSV file") from None
     except csv.Error as e:

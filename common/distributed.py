@@ -72,6 +72,16 @@ def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float:
     return float(t)
 
 
+def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
+    """For each flag: is it set on any process? (one collective for all of them)"""
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    if info.enabled:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.cpu().tolist()]
+
+
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate tensors of possibly different lengths (dim 0) from every process, rank order."""
     if not info.enabled:

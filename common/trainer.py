@@ -10,11 +10,17 @@ a NaN/inf guard and exact resume.
 Exact resume: `last.pt` is written at the end of every epoch with the RNG states; the shuffling
 order and the workers' seeds depend only on (seed, epoch). A run killed at any point and resumed
 from `last.pt` therefore replays the interrupted epoch and ends bit-identical (on CPU).
+Ctrl-C (SIGINT) or SIGTERM stops at the next optimizer step instead and writes `last.pt` there,
+mid-epoch; the resume then re-reads (without training on) the batches already done, so the data
+order and augmentation stay exact. A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +32,7 @@ from tqdm import tqdm
 from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from common.data import set_epoch
 from common.device import autocast
-from common.distributed import DistInfo, all_reduce_mean, barrier
+from common.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from common.io import UserError
 from common.repro import set_rng_state
 from common.runlog import RunLog
@@ -98,6 +104,8 @@ class Trainer:
         self.best_epoch = 0
         self.bad_epochs = 0
         self.log = None
+        self._stop = False         # Ctrl-C / SIGTERM: stop at the next optimizer step
+        self._resume_at = None     # mid-epoch resume point (from an interrupted run's last.pt)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -121,9 +129,11 @@ class Trainer:
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def _save(self, path: Path, history: list[dict]) -> None:
+    def _save(self, path: Path, history: list[dict], mid_epoch: dict | None = None) -> None:
         extra = {"trainer": {"best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                              "monitor": self.monitor, "mode": self.mode, "history": history}}
+        if mid_epoch is not None:
+            extra["trainer"]["mid_epoch"] = mid_epoch
         if self.extra_state is not None:
             extra.update(self.extra_state())
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -142,9 +152,14 @@ class Trainer:
         self.best_epoch = state.get("best_epoch", 0)
         self.bad_epochs = state.get("bad_epochs", 0)
         self._history = list(state.get("history", []))
-        set_rng_state(ckpt["rng"])
+        mid = state.get("mid_epoch")
+        if mid:  # the RNG state belongs after the batches already done, which the epoch re-reads first
+            self._resume_at = {**mid, "rng": ckpt["rng"]}
+        else:
+            set_rng_state(ckpt["rng"])
         if self.info.is_main:
-            print(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
+            where = f" and {mid['batch']} batch(es) of epoch {self.epoch + 1}" if mid else ""
+            print(f"resumed from {path}: {self.epoch} epoch(s){where}, {self.step} step(s) done")
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: str | Path | None = None) -> dict:
@@ -154,6 +169,7 @@ class Trainer:
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, self._history)
+        previous = self._catch_stop_signals()
         try:
             while not self._stop_early() and self.epoch < self.epochs:
                 row = self._run_epoch()
@@ -165,7 +181,11 @@ class Trainer:
                     if self.info.is_main:
                         print(f"early stopping: no {self.monitor} improvement in {self.patience} epoch(s)")
                     break
+                if self._stop_requested() and self.epoch < self.epochs:
+                    self._interrupted(f"after epoch {self.epoch}")
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if self.log is not None:
                 self.log.close()
         if self.info.is_main:
@@ -177,6 +197,34 @@ class Trainer:
     def _stop_early(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
 
+    # ------------------------------------------------------------------ Ctrl-C / SIGTERM
+    def _catch_stop_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_stop_signal)
+        return previous
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self._stop:
+            raise KeyboardInterrupt  # the second one: stop at once (last.pt stays the previous one)
+        self._stop = True
+        if self.info.is_main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a resumable "
+                  f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def _stop_requested(self, agreed: bool | None = None) -> bool:
+        """Under torchrun every process must stop at the same step: use the flag agreed in _guard."""
+        return agreed if self.info.enabled and agreed is not None else self._stop
+
+    def _interrupted(self, where: str):
+        if self.info.is_main:
+            print(f"interrupted {where}: resumable checkpoint {self.last_path}; continue with "
+                  f"--resume {self.last_path}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
     def _run_epoch(self) -> dict:
         epoch = self.epoch
         set_epoch(self.loader, epoch, self.seed)
@@ -184,11 +232,39 @@ class Trainer:
         t0 = time.perf_counter()
         loss_sum, n_batches, n_samples = torch.zeros((), dtype=torch.float64), 0, 0
         extra_sums: dict[str, float] = {}
+        skip, resume_at = 0, self._resume_at
+        if resume_at is not None:
+            self._resume_at = None
+            skip = int(resume_at["batch"])
+            loss_sum += resume_at["loss_sum"]
+            n_batches, n_samples = int(resume_at["n_batches"]), int(resume_at["n_samples"])
+            extra_sums = dict(resume_at["extra_sums"])
+            if self.info.is_main:
+                print(f"epoch {epoch + 1}: re-reading the {skip} batch(es) done before the interruption "
+                      f"(no training on them)")
         n_micro = len(self.loader)
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
+        batches = iter(bar)
+        agreed_stop = False
+        for i in range(n_micro):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                # a Ctrl-C from the terminal also ends the DataLoader workers; the state is still
+                # at the last step boundary, so save there
+                if self._stop and i > skip and i % self.accum_steps == 0:
+                    bar.close()
+                    self._save_mid_epoch(i, loss_sum, n_batches, n_samples, extra_sums)
+                    self._interrupted(f"in epoch {epoch + 1} after batch {i}/{n_micro}")
+                raise
+            if i < skip:
+                if i + 1 == skip:
+                    set_rng_state(resume_at["rng"])
+                continue
             batch = move_to(batch, self.device, self.channels_last)
             last_micro = (i + 1) % self.accum_steps == 0 or i + 1 == n_micro
             sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
@@ -197,7 +273,7 @@ class Trainer:
                 with self.autocast():
                     out = self.loss_fn(self.model, batch)
                 loss, logs = out if isinstance(out, tuple) else (out, {})
-                self._guard(loss, epoch, i)
+                agreed_stop = self._guard(loss, epoch, i)
                 self.scaler.scale(loss / self.accum_steps).backward()
             if last_micro:
                 self._optimizer_step(epoch, i)
@@ -213,6 +289,10 @@ class Trainer:
                     rate = n_samples * self.info.world_size / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4g}", lr=f"{self.lr():.3g}",
                                     img_s=f"{rate:.1f}")
+                if i + 1 < n_micro and self._stop_requested(agreed_stop):
+                    bar.close()
+                    self._save_mid_epoch(i + 1, loss_sum, n_batches, n_samples, extra_sums)
+                    self._interrupted(f"in epoch {epoch + 1} after batch {i + 1}/{n_micro}")
         bar.close()
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": all_reduce_mean(loss_sum / max(1, n_batches), self.info)}
@@ -252,15 +332,26 @@ class Trainer:
         barrier(self.info)
         return row
 
-    def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+    def _save_mid_epoch(self, done: int, loss_sum, n_batches: int, n_samples: int, extra_sums: dict) -> None:
+        if self.info.is_main:
+            self._save(self.last_path, list(self.log.history),
+                       mid_epoch={"batch": done, "loss_sum": float(loss_sum), "n_batches": n_batches,
+                                  "n_samples": n_samples, "extra_sums": dict(extra_sums)})
+        barrier(self.info)
+
+    def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> bool:
+        """Stop before the update when the loss is NaN/inf on any process; returns whether any
+        process was asked to stop (Ctrl-C), so that all of them stop at the same step."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        stop = self._stop
         if self.info.enabled:
-            bad = torch.tensor(all_reduce_mean(bad, self.info))
-        if bad > 0:
+            bad, stop = any_rank([bad, stop], self.info)
+        if bad:
             raise TrainingDiverged(
                 f"loss became {loss.detach().float().item():g} at epoch {epoch + 1}, batch {i + 1}: training stopped "
                 f"before the update; the last good checkpoint is {self.last_path}"
                 + ("" if self.last_path.exists() else " (none written yet)"))
+        return stop
 
     def _optimizer_step(self, epoch: int, i: int) -> None:
         if self.clip_grad:

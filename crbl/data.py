@@ -110,21 +110,39 @@ def preprocess(path: str | Path, model_type: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- datasets
-def read_labels(csv_path: str | Path) -> list[tuple[Path, int]]:
-    """(absolute image path, label) per row; bad labels and missing images name the file and line."""
+def parse_impurity(text: str, where: str) -> int:
+    """The CSV label: 0 / 1 (also written 0.0 / 1.0 by pandas)."""
+    label = (text or "").strip()
+    if label not in ("0", "1", "0.0", "1.0"):
+        raise UserError(f"{where}: impurity must be 0 or 1 (got {label!r})")
+    return int(float(label))
+
+
+def read_image_csv(csv_path: str | Path, labels: bool = True) -> list[tuple[Path, int | None]]:
+    """(absolute image path, label) per row of an `image_path[,impurity]` CSV; without `labels` the
+    impurity column is optional (label None where absent or empty). Every problem names the file
+    and line."""
     csv_path = Path(csv_path)
     items = []
-    for line, row in read_csv(csv_path, ("image_path", "impurity")):
-        rel, label = (row["image_path"] or "").strip(), (row["impurity"] or "").strip()
+    rows = read_csv(csv_path, ("image_path", "impurity") if labels else ("image_path",))
+    for line, row in rows:
+        where = f"{csv_path}, line {line}"
+        rel = (row["image_path"] or "").strip()
         if not rel:
-            raise UserError(f"{csv_path}, line {line}: empty image_path")
-        if label not in ("0", "1", "0.0", "1.0"):
-            raise UserError(f"{csv_path}, line {line}: impurity must be 0 or 1 (got {label!r})")
+            raise UserError(f"{where}: empty image_path")
+        if "\0" in rel:
+            raise UserError(f"{where}: image_path contains a NUL byte")
+        label = row.get("impurity")
+        label = parse_impurity(label, where) if labels or (label or "").strip() else None
         path = (csv_path.parent / rel).resolve()
         if not path.is_file():
-            raise UserError(f"{csv_path}, line {line}: image not found: {path}")
-        items.append((path, int(float(label))))
+            raise UserError(f"{where}: image not found: {path}")
+        items.append((path, label))
     return items
+
+
+def read_labels(csv_path: str | Path) -> list[tuple[Path, int]]:
+    return read_image_csv(csv_path, labels=True)
 
 
 class CRBLDataset(Dataset):

@@ -20,35 +20,44 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.data import list_images, read_csv
+from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
+                        float_range)
+from common.data import list_images
 from common.device import select_device
-from common.io import UserError, atomic_write_text, load_weights_into, run_cli
+from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
-from crbl.data import preprocess
+from crbl.data import preprocess, read_image_csv
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
+
+PROBABILITY = float_range(0, 1, lo_open=True)
+
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[Path], dict[Path, int]]:
     """Image paths in the order given, plus labels where a CSV provides them."""
     paths, labels = [], {}
     for item in inputs:
         if item.suffix.lower() == ".csv" and item.is_file():
-            for line, row in read_csv(item, ("image_path",)):
-                path = (item.parent / (row["image_path"] or "").strip()).resolve()
+            for path, label in read_image_csv(item, labels=False):
                 paths.append(path)
-                label = (row.get("impurity") or "").strip()
-                if label:
-                    if label not in ("0", "1"):
-                        raise UserError(f"{item}, line {line}: impurity must be 0 or 1 (got {label!r})")
-                    labels[path] = int(label)
+                if label is not None:
+                    labels[path] = label
         else:
             paths += list_images(item)
     return paths, labels
 
 
-def load_model(weights: Path, device: torch.device) -> CRBL:
+def load_model(weights: Path, expected_type: str | None, role: str) -> tuple[CRBL, str | None]:
+    """(model in eval mode, the model type stored with the weights or None for a converted file).
+
+    A training checkpoint knows whether it is a crop or a full model; running crop weights as full
+    (or a swapped --combined pair) would give plausible-looking wrong probabilities."""
     model = CRBL()
-    load_weights_into(model, weights)
-    return model.to(device).eval()
+    obj = load_weights_into(model, weights)
+    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    stored = cfg.get("model_type")
+    if stored is not None and expected_type is not None and stored != expected_type:
+        raise UserError(f"{weights}: holds a {stored} model, but {role} expects a {expected_type} model")
+    return model.eval(), stored
 
 
 @torch.inference_mode()
@@ -62,33 +71,45 @@ def predict(model: CRBL, model_type: str, paths: list[Path], device: torch.devic
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="+", help="images, folders or CSVs")
-    p.add_argument("--model-type", choices=MODEL_TYPES)
+    p.add_argument("--model-type", choices=MODEL_TYPES,
+                   help="crop or full (read from a training checkpoint; needed for a converted file)")
     p.add_argument("--weights", type=Path)
     p.add_argument("--combined", type=Path, nargs=2, metavar=("CROP_WEIGHTS", "FULL_WEIGHTS"))
-    p.add_argument("--threshold", type=float, help="decision threshold (single model; default 0.01 crop / 0.5 full)")
-    p.add_argument("--crop-threshold", type=float, default=DEFAULT_THRESHOLDS["crop"])
-    p.add_argument("--full-threshold", type=float, default=DEFAULT_THRESHOLDS["full"])
+    p.add_argument("--threshold", type=PROBABILITY, help="decision threshold (single model; default 0.01 crop / 0.5 full)")
+    p.add_argument("--crop-threshold", type=PROBABILITY, default=DEFAULT_THRESHOLDS["crop"])
+    p.add_argument("--full-threshold", type=PROBABILITY, default=DEFAULT_THRESHOLDS["full"])
     p.add_argument("--out", type=Path, help="CSV to write (default runs/crbl/predictions-<time>.csv)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--device", default="auto")
+    add_threads_arg(p)
+    add_max_pixels_arg(p)
     args = p.parse_args(argv)
-    if args.combined is None and (args.model_type is None or args.weights is None):
-        p.error("give --model-type and --weights, or --combined CROP_WEIGHTS FULL_WEIGHTS")
-    if args.combined is not None and (args.weights is not None or args.threshold is not None):
+    if args.combined is None and args.weights is None:
+        p.error("give --weights (and --model-type for a converted file), or --combined CROP_WEIGHTS FULL_WEIGHTS")
+    if args.combined is not None and (args.weights is not None or args.threshold is not None
+                                      or args.model_type is not None):
         p.error("--combined takes its own two weight files and --crop-threshold / --full-threshold")
-    out = args.out or Path("runs") / "crbl" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    apply_runtime_args(args)
+    out = check_output_file(args.out or Path("runs") / "crbl" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv",
+                            args.overwrite)
 
     paths, labels = collect_inputs(args.inputs)
+    if args.combined:
+        crop_m, _ = load_model(args.combined[0], "crop", "--combined CROP_WEIGHTS FULL_WEIGHTS (first)")
+        full_m, _ = load_model(args.combined[1], "full", "--combined CROP_WEIGHTS FULL_WEIGHTS (second)")
+    else:
+        model, stored = load_model(args.weights, args.model_type, f"--model-type {args.model_type}")
+        if stored is None and args.model_type is None:
+            raise UserError(f"{args.weights}: converted weights do not say whether they are a crop or a full "
+                            f"model: give --model-type")
+        args.model_type = args.model_type or stored
     device = select_device(args.device)
     if args.combined:
-        crop_w, full_w = args.combined
-        p_crop = predict(load_model(crop_w, device), "crop", paths, device, args.batch_size)
-        p_full = predict(load_model(full_w, device), "full", paths, device, args.batch_size)
+        p_crop = predict(crop_m.to(device), "crop", paths, device, args.batch_size)
+        p_full = predict(full_m.to(device), "full", paths, device, args.batch_size)
         flags = (p_crop > args.crop_threshold) | (p_full > args.full_threshold)
         header = ["path", "prob_crop", "prob_full", "decision"]
         rows = [[str(q), f"{a:.6g}", f"{b:.6g}", "defect" if f else "normal"]
@@ -96,8 +117,7 @@ def main(argv=None):
         score = torch.maximum(p_crop / args.crop_threshold, p_full / args.full_threshold)
     else:
         threshold = DEFAULT_THRESHOLDS[args.model_type] if args.threshold is None else args.threshold
-        prob = predict(load_model(args.weights, device), args.model_type, paths, device,
-                       args.batch_size)
+        prob = predict(model.to(device), args.model_type, paths, device, args.batch_size)
         flags = prob > threshold
         header = ["path", "probability", "decision"]
         rows = [[str(q), f"{v:.6g}", "defect" if f else "normal"] for q, v, f in zip(paths, prob.tolist(), flags.tolist())]

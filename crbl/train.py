@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.cli import add_common_args, setup_run
+from common import cli
+from common.cli import NONNEG, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.checkpoint import unwrap
 from common.distributed import all_gather_cat, cleanup, wrap_model
@@ -30,22 +31,23 @@ DEMO_EPOCHS = 6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-type", required=True, choices=MODEL_TYPES,
                    help="crop: layers[150:] of both backbones + head train; full: head only")
     add_common_args(p, epochs=None, batch_size=32, lr=1e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=NONNEG, default=1e-6)
     p.add_argument("--init", type=Path, help="converted whole-CRBL weights (scripts/convert_h5.py)")
     p.add_argument("--backbone-weights", type=Path, nargs=2, metavar=("IMAGENET", "NOISY_STUDENT"),
                    help="two converted single-backbone notop files")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="Keras-style: y*(1-e) + e/2")
+    p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), default=0.0,
+                   help="Keras-style: y*(1-e) + e/2")
     p.add_argument("--class-weights", default="balanced",
                    help="'balanced' (n / (2 n_c)), 'none', or 'w0,w1'")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=float_range(0, 1, lo_open=True), default=None,
                    help="decision threshold for the metrics (default 0.01 crop / 0.5 full)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping on val_loss")
-    p.add_argument("--plateau-patience", type=int, default=2, help="ReduceLROnPlateau(0.5) patience")
-    return p.parse_args(argv)
+    p.add_argument("--patience", type=POSITIVE_INT, default=10, help="early stopping on val_loss")
+    p.add_argument("--plateau-patience", type=int_range(0), default=2, help="ReduceLROnPlateau(0.5) patience")
+    return cli.parse_args(p, argv)
 
 
 def class_weights(spec: str, labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def class_weights(spec: str, labels: torch.Tensor) -> torch.Tensor:
         w = torch.tensor([float(v) for v in spec.split(",")])
     except ValueError:
         w = torch.tensor([])
-    if w.numel() != 2 or not (w > 0).all():
+    if w.numel() != 2 or not (w > 0).all() or not torch.isfinite(w).all():
         raise UserError(f"--class-weights {spec!r}: expected 'balanced', 'none' or two positive numbers 'w0,w1'")
     return w
 
@@ -74,6 +76,8 @@ def bce_loss(logits, targets, weights, smoothing: float):
 def load_init_weights(model, args) -> None:
     if args.init and args.backbone_weights:
         raise UserError("--init and --backbone-weights are alternatives; give one")
+    if args.resume is not None:
+        return  # the checkpoint brings the weights
     if args.init:
         load_weights_into(model, args.init)
         print(f"initialised from {args.init}")
@@ -111,8 +115,6 @@ def calibrate_batchnorm(model, loader, device, max_batches: int = 8) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise UserError(f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})")
     if args.epochs is None:  # the original's 30, or a one-minute demo on the built-in data
         args.epochs = 30 if args.data is not None else DEMO_EPOCHS
     run = setup_run(args, "crbl", args.model_type)
@@ -167,7 +169,7 @@ def main(argv=None):
                       info=run.info, evaluate=evaluate, scheduler=sched, monitor="val_loss", mode="min",
                       patience=args.patience, amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,
                       clip_grad=args.clip_grad, channels_last=args.channels_last, save_every=args.save_every,
-                      seed=args.seed, config={**vars(args), "threshold": threshold},
+                      seed=args.seed, config={**vars(args), "task": "crbl", "decision_threshold": threshold},
                       progress=not args.no_progress)
     result = trainer.fit(resume=args.resume)
     if run.info.is_main:

@@ -15,14 +15,14 @@ OUT is written atomically; on any error nothing is written.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from battery_ct.model import DeepLabClassifier, DeepLabSeg, describe_key_mismatch
-from common.io import UserError, atomic_torch_save, load_untrusted, run_cli
+from common.cli import ArgumentParser
+from common.io import UserError, atomic_torch_save, check_output_file, load_untrusted, run_cli
 
 try:  # numpy >= 2
     from numpy._core.multiarray import scalar as _numpy_scalar
@@ -63,9 +63,10 @@ def extract_state_dict(obj, path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k.removeprefix("module."): v for k, v in obj.items()}, meta
 
 
-def convert(src: Path, dst: Path, task: str) -> dict:
+def convert(src: Path, dst: Path, task: str, overwrite: bool = False) -> dict:
     if src.resolve() == dst.resolve():
         raise UserError(f"{dst}: output would overwrite the input")
+    check_output_file(dst, overwrite, flag="OUT")
     obj = load_untrusted(src, safe_globals=NUMPY_SCALAR_GLOBALS)
     sd, meta = extract_state_dict(obj, src)
 
@@ -113,13 +114,14 @@ def _plain(v):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input", type=Path, help="pytorch-deeplab-xception checkpoint (.pth.tar / .pt)")
     ap.add_argument("output", type=Path, help="converted state_dict to write")
     ap.add_argument("--task", choices=("classify", "segment"), default="classify")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     args = ap.parse_args(argv)
 
-    r = convert(args.input, args.output, args.task)
+    r = convert(args.input, args.output, args.task, args.overwrite)
     epoch, best = _plain(r["epoch"]), _plain(r["best_pred"])
     print(f"read {args.input}: epoch {'n/a' if epoch is None else epoch}, best_pred "
           f"{'n/a' if best is None else (f'{best:.6f}' if isinstance(best, float) else best)}"

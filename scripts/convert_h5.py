@@ -48,12 +48,14 @@ except ImportError:  # pragma: no cover - h5py is a project requirement
 import torch
 
 try:
-    from common.io import UserError, atomic_torch_save, run_cli
+    from common.cli import ArgumentParser
+    from common.io import UserError, atomic_torch_save, check_output_file, run_cli
     from crbl.model import (CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES,
                             EfficientNetB0)
 except ImportError:  # run as a file from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from common.io import UserError, atomic_torch_save, run_cli
+    from common.cli import ArgumentParser
+    from common.io import UserError, atomic_torch_save, check_output_file, run_cli
     from crbl.model import (CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES,
                             EfficientNetB0)
 
@@ -709,15 +711,15 @@ def _unmapped_suffix(content: Content) -> str:
     return ""
 
 
-def convert(in_path, out_path, model_type: str | None = None, log=print) -> dict:
-    """Convert IN (Keras .h5) to OUT (state_dict .pth). Returns the state_dict. Raises UserError."""
+def convert(in_path, out_path, model_type: str | None = None, log=print, overwrite: bool = False) -> dict:
+    """Convert IN (Keras .h5) to OUT (state_dict .pth). Returns the state_dict. Raises UserError.
+    An existing OUT is replaced only with `overwrite`."""
     in_path, out_path = Path(in_path), Path(out_path)
     if model_type is not None and model_type not in MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    if out_path.is_dir():
-        raise UserError(f"{out_path}: output path is a directory")
     if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
         raise UserError(f"{out_path}: output would overwrite the input file")
+    check_output_file(out_path, overwrite, flag="OUT")
     content = read_content(in_path)
     is_crbl = content.kind.startswith("CRBL")
     if model_type is not None and not is_crbl:
@@ -752,24 +754,22 @@ def convert(in_path, out_path, model_type: str | None = None, log=print) -> dict
         log(f"skipped: group {g!r} ({n} tensors; not model weights)")
     n_params = sum(v.numel() for k, v in sd.items()
                    if v.is_floating_point() and not k.endswith(("input_scale", "input_shift")))
-    try:
-        atomic_torch_save(sd, out_path)
-    except OSError as e:
-        raise UserError(f"{out_path}: cannot write output ({_first_line(e)})") from None
+    atomic_torch_save(sd, out_path)
     log(f"wrote {out_path}: {len(sd)} tensors, {n_params:,} weight values "
         f"(load strictly into {'crbl.model.build_model(...)' if is_crbl else 'crbl.model.EfficientNetB0()'})")
     return sd
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="Keras weights file (.h5 / .weights.h5)")
     p.add_argument("output", help="output PyTorch state_dict (.pth)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default=None,
                    help="CRBL files: the model the file must come from (checked where the file tells)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     a = p.parse_args(argv)
-    convert(a.input, a.output, a.model_type)
+    convert(a.input, a.output, a.model_type, overwrite=a.overwrite)
 
 
 if __name__ == "__main__":

@@ -271,9 +271,9 @@ def test_two_stage_resnet18():
     assert "2,565 trainable parameters" in stdout and "11,179,077 trainable parameters" in stdout
     s1_first, s1_last = load_checkpoint(out / "epoch_0001.pt"), load_checkpoint(out / "last.pt")
     s2 = load_checkpoint(out / "finetune" / "last.pt")
-    assert s1_last["config"]["stage"] == 1 and s1_last["config"]["freeze_backbone"] is True
-    assert s2["config"]["stage"] == 2 and s2["config"]["freeze_backbone"] is False
-    assert s2["config"]["lr"] == 1e-4 and s2["config"]["epochs"] == 2
+    assert s1_last["config"]["stage"] == 1 and s1_last["config"]["stage_frozen"] is True
+    assert s2["config"]["stage"] == 2 and s2["config"]["stage_frozen"] is False
+    assert s2["config"]["stage_lr"] == 1e-4 and s2["config"]["stage_epochs"] == 2
     trunk = [k for k in s1_last["model"] if k.startswith("model.layer")]
     # stage 1: trunk (weights and BN statistics) frozen, head trained; stage 2: all trained
     assert all(torch.equal(s1_first["model"][k], s1_last["model"][k]) for k in trunk)
@@ -420,7 +420,8 @@ def test_train_resume_from_another_models_checkpoint(tmp_path, capsys):
     ref, _ = trained("late_fusion")
     before = (ref / "last.pt").read_bytes()
     msg = cli_error(train_main, "--model", "resnet18", *FAST, "--resume", ref / "last.pt", capsys=capsys)
-    assert msg == f"error: {ref / 'last.pt'}: checkpoint holds a late_fusion model, not --model resnet18"
+    assert msg.startswith(f"error: {ref / 'last.pt'}: a resume continues the run exactly, but "
+                          f"--model resnet18 (the checkpoint has late_fusion)")
     assert (ref / "last.pt").read_bytes() == before
     plain = tmp_path / "plain.pt"
     torch.save(load_checkpoint(ref / "best.pt")["model"], plain)

@@ -320,7 +320,7 @@ def test_wrong_task_segment_without_decoder(work, capsys):
     src, out = d / "no_decoder.pth", d / "wrong_task.pt"
     torch.save({k: v for k, v in sd.items() if not k.startswith("decoder.")}, src)
     out.write_bytes(b"previous output")
-    code, _, err = _cli([src, out, "--task", "segment"], capsys)
+    code, _, err = _cli([src, out, "--task", "segment", "--overwrite"], capsys)
     _assert_failed(code, out, err, str(src), "20 missing", "decoder.conv1.weight", "use --task classify",
                    old=b"previous output")
     src.unlink()
@@ -353,7 +353,7 @@ def test_truncated_file_via_cli(work, tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), str(src), str(out)], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
-    _assert_failed(r.returncode, out, r.stderr, str(src), "not a readable PyTorch checkpoint")
+    _assert_failed(r.returncode, out, r.stderr, str(src), "corrupt or truncated checkpoint")
 
 
 def test_not_a_torch_file(tmp_path, capsys):

@@ -424,7 +424,7 @@ def _bad_inputs(refs: Refs, scratch: Path) -> dict[str, tuple[list, str, str]]:
                              "saved from the crop model"),
         "model type for a backbone": ([refs.file("qubvel_notop.h5"), out, "--model-type", "crop"],
                                       "qubvel_notop.h5", "applies to whole CRBL files"),
-        "output is a directory": ([refs.file("qubvel_notop.h5"), scratch], str(scratch), "is a directory"),
+        "output is a directory": ([refs.file("qubvel_notop.h5"), scratch], str(scratch), "is a folder"),
     }
 
 
@@ -442,11 +442,13 @@ def test_bad_inputs_give_one_clear_line(refs, scratch, capsys):
 def test_failed_conversion_keeps_existing_output(refs, scratch, capsys):
     out = scratch / "model.pth"
     out.write_bytes(b"previous good file")
-    code, _, err = _cli([refs.file("other.weights.h5"), out], capsys)
+    code, _, err = _cli([refs.file("qubvel_notop.h5"), out], capsys)  # refused without --overwrite
+    assert code == 2 and "already exists" in err and out.read_bytes() == b"previous good file"
+    code, _, err = _cli([refs.file("other.weights.h5"), out, "--overwrite"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert out.read_bytes() == b"previous good file"
     # ... and a successful one replaces it atomically
-    code = run_cli(lambda: main([str(refs.file("qubvel_notop.h5")), str(out)]))
+    code = run_cli(lambda: main([str(refs.file("qubvel_notop.h5")), str(out), "--overwrite"]))
     assert code is None
     assert set(torch.load(out, weights_only=True)) == set(EfficientNetB0().state_dict())
 

@@ -95,7 +95,7 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
         assert len(log) == 1 and {"val_loss", "val_f1", "val_auc", "val_acc"} <= set(log[0])
         ckpt = torch.load(tmp_path / model_type / "best.pt", weights_only=True)
         assert ckpt["config"]["model_type"] == model_type
-        assert ckpt["config"]["threshold"] == {"crop": 0.01, "full": 0.5}[model_type]
+        assert ckpt["config"]["decision_threshold"] == {"crop": 0.01, "full": 0.5}[model_type]
 
     out = tmp_path / "preds.csv"
     res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "full" / "best.pt",

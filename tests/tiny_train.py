@@ -4,7 +4,6 @@ It has everything that makes exact resume hard: shuffling, random augmentation i
 dropout, Adam state, a per-step schedule, and DataLoader workers.
 Usage: python tests/tiny_train.py --out DIR [--resume DIR/last.pt] [common flags]
 """
-import argparse
 import sys
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from common.cli import add_common_args, setup_run
+from common.cli import ArgumentParser, add_common_args, parse_args, setup_run
 from common.data import eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.io import run_cli
@@ -52,14 +51,14 @@ def make_model(norm: str) -> nn.Module:
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = ArgumentParser()
     add_common_args(p, epochs=4, batch_size=8, lr=1e-2, workers=0)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--norm", default="bn", choices=["bn", "none"])
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--nan-at-epoch", type=int, default=0, help="make the loss NaN in this epoch (tests)")
-    args = p.parse_args()
+    args = parse_args(p)
     run = setup_run(args, "tiny", "tiny")
 
     model = make_model(args.norm)
