@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import select_device
-from common.io import UserError, atomic_open, atomic_write_text, load_image, load_untrusted, run_cli
+from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
+                       load_untrusted, run_cli)
 from spectral.config import check_config, load_config
 from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
 from spectral.losses import CELL_NAMES, build_loss, finish_metrics, spectral_metrics
@@ -41,26 +43,23 @@ from spectral.model import build_model, describe_weights, load_state_dict_checke
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a CR_recon checkpoint")
     p.add_argument("--config", type=Path, help="YAML config with the model (needed for CR_recon checkpoints)")
     p.add_argument("--structs", type=Path, required=True, help=".npy of structures, or a folder of PNGs")
     p.add_argument("--out", type=Path, help="predictions .npy (default runs/spectral/predictions-<time>.npy)")
     p.add_argument("--csv", type=Path, help="also write the predictions as CSV (one row per structure and cell)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG of each structure's spectra")
-    p.add_argument("--plot-max", type=int, default=16, help="at most this many plots (default 16)")
+    p.add_argument("--plot-max", type=int_range(1, 100000), default=16, help="at most this many plots (default 16)")
     p.add_argument("--evaluate", type=Path, metavar="SPECTRA", help="ground-truth spectra: write metrics JSON")
     p.add_argument("--metrics", type=Path, help="metrics JSON path (default: OUT with .metrics.json)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW activations (channels_last is faster on CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= 65536:
-        p.error(f"--batch-size must be in 1..65536 (got {args.batch_size})")
-    if not 0 <= args.plot_max <= 100000:
-        p.error(f"--plot-max must be in 0..100000 (got {args.plot_max})")
-    return args
+    add_threads_arg(p)
+    add_max_pixels_arg(p)
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- model
@@ -238,21 +237,18 @@ def write_plots(folder: Path, names: list[str], structs, pred: np.ndarray, limit
     return n
 
 
-def refuse_existing(paths: list[Path | None], overwrite: bool) -> None:
-    for p in paths:
-        if p is not None and p.is_dir():
-            raise UserError(f"{p}: is a folder; give a file name")
-        if p is not None and p.exists() and not overwrite:
-            raise UserError(f"{p} already exists; choose another path or pass --overwrite")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy"
-    metrics_path = (args.metrics or out.with_suffix(".metrics.json")) if args.evaluate else None
-    refuse_existing([out, args.csv, metrics_path], args.overwrite)
-    if args.plot is not None and args.plot.is_dir() and any(args.plot.glob("spectra_*.png")) and not args.overwrite:
-        raise UserError(f"{args.plot} already holds plots; choose another folder or pass --overwrite")
+    apply_runtime_args(args)
+    out = check_output_file(args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy",
+                            args.overwrite)
+    if args.csv:
+        check_output_file(args.csv, args.overwrite, "--csv")
+    metrics_path = None
+    if args.evaluate:
+        metrics_path = check_output_file(args.metrics or out.with_suffix(".metrics.json"), args.overwrite, "--metrics")
+    if args.plot:
+        check_output_dir(args.plot, [f"spectra_{i:05d}.png" for i in range(args.plot_max)], args.overwrite, "--plot")
 
     model, cfg = load_model(args.weights, args.config)
     structs = open_structures(args.structs)

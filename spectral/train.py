@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import cli
 from common.checkpoint import load_checkpoint, plain_config
-from common.cli import add_common_args, setup_run
+from common.cli import add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.io import UserError, atomic_write_text, run_cli
@@ -58,7 +59,7 @@ RESUME_FREE = {"data.num_workers", "data.struct_files", "data.spectra_files", "d
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="CR_recon YAML config (default: spectral/configs/default.yaml "
                                                "with a short demo recipe on the built-in data)")
     add_common_args(p, epochs=None, batch_size=None, lr=None)
@@ -68,21 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep NCHW activations (channels_last is the default on the CPU, where it is faster)")
     p.add_argument("--builtin-data", action="store_true",
                    help="train on the built-in demo data instead of the config's data files")
-    p.add_argument("--split", type=Path, help="a split.json of an earlier run: same train/val rows")
-    p.add_argument("--dashboard", nargs="?", type=int, const=-1, default=None, metavar="PORT",
+    p.add_argument("--split", type=Path, help="a split.json of an earlier run: the same train/val rows")
+    p.add_argument("--dashboard", nargs="?", type=int_range(0, 65535), const=-1, default=None, metavar="PORT",
                    help=f"serve a live TensorBoard while training (port {DEFAULT_PORT} or the config's "
                         f"dashboard.port; 0 = any free port)")
     p.add_argument("--no-dashboard", action="store_true", help="ignore dashboard.enabled of the config")
     p.add_argument("--dashboard-host", default=DEFAULT_HOST,
                    help="address to serve on (default 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
-    p.add_argument("--dashboard-keep", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--dashboard-keep", type=float_range(0, 86400), default=0.0, metavar="SECONDS",
                    help="keep serving this long after training ends (Ctrl-C stops it)")
-    args = p.parse_args(argv)
-    if args.dashboard is not None and not -1 <= args.dashboard <= 65535:
-        p.error(f"--dashboard: port must be in 0..65535 (got {args.dashboard})")
-    if not 0 <= args.dashboard_keep <= 86400:
-        p.error(f"--dashboard-keep: must be in 0..86400 seconds (got {args.dashboard_keep})")
-    return args
+    # the config travels in the checkpoint; how the dashboard is served changes nothing computed
+    return cli.parse_args(p, argv, resume_free=("config", "dashboard", "no_dashboard", "dashboard_host",
+                                                "dashboard_keep"))
 
 
 # ---------------------------------------------------------------- configuration
@@ -236,7 +234,7 @@ def main(argv=None):
     split = load_split(split_from, raw) if split_from is not None else \
         make_split(raw, cfg["data"]["train_ratio"], cfg["seed"])
 
-    run = setup_run(resolved, TASK, model_name)
+    run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"]))
     main_rank = run.info.is_main
     channels_last = run.device.type == "cpu" if args.channels_last is None else args.channels_last
     if main_rank:

@@ -197,5 +197,5 @@ def test_bad_input_is_one_line_and_overwrites_nothing(originals, structs, tmp_pa
     assert "a.png: not a black-and-white structure" in err
     (tmp_path / "junk.pt").write_bytes(b"junk")
     err = cli_error(capsys, "--config", gcfg, "--weights", tmp_path / "junk.pt", "--structs", s_path, "--out", new)
-    assert "junk.pt: not a readable PyTorch checkpoint" in err
+    assert "junk.pt: not a PyTorch checkpoint" in err
     assert not new.exists()
