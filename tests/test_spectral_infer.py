@@ -67,7 +67,7 @@ def originals(tmp_path_factory):
     root = tmp_path_factory.mktemp("crrecon")
     out = {}
     for key, (name, params) in MODELS.items():
-        model, ckpt = original_checkpoint(name, params, steps=1, batch=1, seed=len(out))
+        model, ckpt = original_checkpoint(name, params, seed=len(out))
         cfg = root / f"{key}.yaml"
         cfg.write_text(crrecon_yaml(name, params))
         path = root / key / f"{name}_best.pt"

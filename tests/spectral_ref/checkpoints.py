@@ -30,17 +30,19 @@ def save_claiming_cuda(obj, path: str | Path) -> None:
     Path(path).write_bytes(out.getvalue())
 
 
-def original_checkpoint(name: str, params: dict, steps: int = 2, batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """(the transcribed original model after `steps` AdamW steps, its checkpoint dict)."""
+def original_checkpoint(name: str, params: dict, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """(the transcribed original model, its checkpoint as CR_recon's Trainer writes it after one
+    AdamW step). The step uses random gradients instead of a forward/backward pass (the file's
+    contents are the same kind; default-size models would take seconds per step), and every
+    weight is moved off its initial value so that a loader that drops or misplaces one is seen."""
     torch.manual_seed(seed)
     model = original.get_model(name, **params)
-    out_len = params.get("out_len", 30)
-    step = original.OriginalStep(model, original.get_loss("mse_pearson", w_mse=0.5, w_corr=0.5), lr=1e-3,
-                                 total_steps=10)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        x = torch.randint(0, 2, (batch, 1, 128, 128), generator=g).float() * 2 - 1
-        y = torch.rand(batch, 2, 2, out_len, generator=g)
-        step(x, y)
+    step = original.OriginalStep(model, original.get_loss("mse_pearson"), lr=1e-3, total_steps=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+            p.grad = torch.randn_like(p)
+    step.opt.step()
+    step.sched.step()
     model.eval()
-    return model, step.checkpoint(epoch=steps - 1, val_loss=0.5, best_val_loss=0.5)
+    return model, step.checkpoint(epoch=0, val_loss=0.5, best_val_loss=0.5)
