@@ -118,9 +118,10 @@ DEFAULTS = {
 }
 
 
-def check_config(cfg: dict, source: str) -> dict:
+def check_config(cfg: dict, source: str, training: bool = True) -> dict:
     """Defaults filled in, every value checked, model and loss params completed from their
-    constructors. Errors: one UserError naming `source` and the key."""
+    constructors. Errors: one UserError naming `source` and the key. For training, the model's
+    out_len must equal data.out_len (the targets' length); inference needs only the model's."""
     if cfg is None:
         cfg = {}
     if not isinstance(cfg, dict):
@@ -152,13 +153,13 @@ def check_config(cfg: dict, source: str) -> dict:
         out["loss"]["params"] = check_loss_params(out["loss"]["name"], out["loss"]["params"])
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
-    if out["model"]["params"]["out_len"] != out["data"]["out_len"]:
+    if training and out["model"]["params"]["out_len"] != out["data"]["out_len"]:
         raise UserError(f"{source}: model.params.out_len {out['model']['params']['out_len']} differs from "
                         f"data.out_len {out['data']['out_len']} (the two must be equal)")
     return out
 
 
-def load_config(path: str | os.PathLike) -> dict:
+def load_config(path: str | os.PathLike, training: bool = True) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -170,7 +171,7 @@ def load_config(path: str | os.PathLike) -> dict:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
-    return check_config(raw, str(path))
+    return check_config(raw, str(path), training)
 
 
 def resolve_data_files(cfg: dict, config_path: Path | None) -> tuple[list[Path], list[Path]]:

@@ -69,15 +69,15 @@ def load_model(weights: Path, config: Path | None) -> tuple[torch.nn.Module, dic
     ours = isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("extra"), dict) \
         and isinstance(obj["extra"].get("spectral"), dict)
     if ours:
-        cfg = check_config(obj["extra"]["spectral"]["config"], str(weights))
+        cfg = check_config(obj["extra"]["spectral"]["config"], str(weights), training=False)
         if config is not None:
-            given = load_config(config)
+            given = load_config(config, training=False)
             if given["model"] != cfg["model"]:
                 raise UserError(f"{weights}: holds {cfg['model']['name']} {cfg['model']['params']}, but {config} "
                                 f"asks for {given['model']['name']} {given['model']['params']}")
             cfg = {**cfg, "data": {**cfg["data"], "map_to_pm1": given["data"]["map_to_pm1"]}}
     elif config is not None:
-        cfg = load_config(config)
+        cfg = load_config(config, training=False)
     else:
         held = describe_weights(obj.get("model", obj) if isinstance(obj, dict) else {})
         what = f"{held['model']} weights" if held["model"] else "weights"

@@ -46,10 +46,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def crrecon_yaml(name: str, params: dict, loss: str = "mse_pearson") -> str:
-    """A config in CR_recon's schema; its data paths do not exist here (inference does not need them)."""
+def crrecon_yaml(name: str, params: dict, loss: str = "mse_pearson", data_out_len: int | None = None) -> str:
+    """A config in CR_recon's schema; its data paths do not exist here (inference does not need them).
+    data.out_len is a key of its own in CR_recon, which users do not always keep equal to the model's."""
     lines = ["seed: 42", "data:", "  struct_files: ['../data_CR-main/binary_dataset_128_0.npy']",
-             "  spectra_files: ['../data_CR-main/spectra_latest_0.npy']", f"  out_len: {params['out_len']}",
+             "  spectra_files: ['../data_CR-main/spectra_latest_0.npy']", f"  out_len: {data_out_len or params['out_len']}",
              "  map_to_pm1: true", "  augment_180: true", "  train_ratio: 0.95", "  batch_size: 400", "  num_workers: 0",
              "model:", f"  name: \"{name}\"", "  params:"]
     lines += [f"    {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
@@ -69,7 +70,7 @@ def originals(tmp_path_factory):
     for key, (name, params) in MODELS.items():
         model, ckpt = original_checkpoint(name, params, seed=len(out))
         cfg = root / f"{key}.yaml"
-        cfg.write_text(crrecon_yaml(name, params))
+        cfg.write_text(crrecon_yaml(name, params, data_out_len=30 if key == "gru_small" else None))
         path = root / key / f"{name}_best.pt"
         path.parent.mkdir()
         save_claiming_cuda(ckpt, path)

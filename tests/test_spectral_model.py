@@ -126,6 +126,20 @@ def test_enforce_diag_sym_makes_the_prediction_transpose_invariant():
         assert torch.allclose(m(x), m(x.transpose(-1, -2)), atol=1e-6)
 
 
+def test_cnn_gru_cannot_tell_where_a_feature_sits():
+    """A property of CR_recon's cnn_gru worth knowing: its decoder sees only the average-pooled
+    backbone features, so with periodic padding a circular shift of the structure by a multiple of
+    the backbone's stride (32 px) leaves its prediction unchanged - it cannot tell the R pixel's
+    quarter from the B pixel's. cnn_xattn's spatial tokens carry their position (s_pos)."""
+    x = structures(1, seed=5)
+    shifted = torch.roll(x, shifts=(64, 64), dims=(-2, -1))          # the R quarter moves onto B
+    gru = build_model("cnn_gru").eval()
+    xattn = build_model("cnn_xattn").eval()
+    with torch.no_grad():
+        assert torch.allclose(gru(x), gru(shifted), atol=1e-5)
+        assert not torch.allclose(xattn(x), xattn(shifted), atol=1e-4)
+
+
 def test_bad_model_names_and_params_are_one_line_errors():
     with pytest.raises(UserError, match="unknown model.*cnn_xattn, cnn_gru"):
         build_model("cnn_lstm")

@@ -184,7 +184,7 @@ def test_the_default_demo_learns(tmp_path, run_script):
     assert "lower" in res.stdout
 
 
-def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(work, trained, tmp_path, capsys):
     s, t = np.load(work / "raw" / "binary_dataset_128_0.npy"), np.load(work / "raw" / "spectra_latest_0.npy")
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -203,6 +203,9 @@ def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
         """))
     err = cli_error(capsys, "--config", cfg, "--data", work / "raw", "--out", out, *FAST)
     assert "c.yaml: model.params.gru_layers: cnn_xattn has no parameter 'gru_layers'" in err and not out.exists()
+    err = cli_error(capsys, "--config", Path(__file__).parents[1] / "spectral/configs/default.yaml", "--out", out, *FAST)
+    assert "default.yaml: data.struct_files file ../data_CR-main/binary_dataset_128_0.npy not found" in err
+    assert "give --data DIR with the raw files, or --builtin-data" in err and not out.exists()
     err = cli_error(capsys, "--config", work / "tiny.yaml", "--data", work / "raw", "--builtin-data", *FAST)
     assert "--data and --builtin-data are alternatives" in err
     err = cli_error(capsys, "--config", work / "tiny.yaml", "--data", work / "raw", "--out", work / "run", *FAST)

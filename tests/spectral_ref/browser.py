@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -46,7 +47,11 @@ class Browser:
         os.close(from_chrome_w)
         self._buf = b""
         self._id = 0
-        targets = self.send("Target.getTargets")["targetInfos"]
+        try:
+            targets = self.send("Target.getTargets", timeout=30)["targetInfos"]
+        except (OSError, RuntimeError, TimeoutError):
+            self.close()
+            raise
         page = next(t for t in targets if t["type"] == "page")
         self.session = self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
         self.send("Page.enable", session=True)
@@ -67,8 +72,9 @@ class Browser:
                     if "error" in reply:
                         raise RuntimeError(f"{method}: {reply['error']}")
                     return reply.get("result", {})
-            if time.monotonic() > deadline:
-                raise TimeoutError(method)
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+                raise TimeoutError(f"no reply to {method} within {timeout:g} s")
             chunk = os.read(self._from_chrome, 1 << 20)
             if not chunk:
                 raise RuntimeError("chromium closed the pipe")
