@@ -56,7 +56,9 @@ class Training:
         self.proc = subprocess.Popen(
             [sys.executable, "-u", str(REPO / "spectral" / "train.py"), "--config", str(cfg), "--data", str(work / "raw"),
              "--out", str(self.run), "--threads", "1", "--no-progress", "--dashboard", "0", "--dashboard-keep", "300"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+            # a process started in the background inherits an ignored SIGINT; a user's terminal does not
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         self.url = self.wait_for("dashboard: http").split()[1].rstrip("/")

@@ -156,6 +156,29 @@ def test_resume_continues_exactly_with_schedule_and_state(trained, work, capsys)
     assert "training.lr is 0.001 here but 0.0003 in the run being resumed" in err
 
 
+def test_infer_reads_our_checkpoint_without_a_config(trained, work, tmp_path, capsys):
+    from spectral.infer import main as infer_main
+
+    run, _, _ = trained
+    s = np.load(work / "raw" / "binary_dataset_128_1.npy")[:3]
+    np.save(tmp_path / "S.npy", s)
+    with contextlib.redirect_stdout(io.StringIO()):
+        pred = infer_main([str(a) for a in ("--weights", run / "best.pt", "--structs", tmp_path / "S.npy",
+                                            "--out", tmp_path / "P.npy", "--threads", 1)])
+    ref = original.get_model("cnn_xattn", **TINY["model"]["params"])
+    ref.load_state_dict(load_checkpoint(run / "best.pt")["model"])
+    with torch.no_grad():
+        expected = ref.eval()(torch.from_numpy(s.astype(np.float32)) * 2 - 1).numpy()
+    assert np.abs(np.load(tmp_path / "P.npy") - expected).max() <= 1e-5 and pred.shape == (3, 2, 2, 30)
+    gru = tmp_path / "gru.yaml"
+    gru.write_text("model:\n  name: cnn_gru\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(lambda: infer_main([str(a) for a in ("--weights", run / "best.pt", "--config", gru, "--structs",
+                                                      tmp_path / "S.npy", "--out", tmp_path / "Q.npy")]))
+    assert "best.pt: holds cnn_xattn" in capsys.readouterr().err and not (tmp_path / "Q.npy").exists()
+
+
 def test_default_run_uses_the_builtin_data(tmp_path, monkeypatch):
     """`python spectral/train.py` with nothing else: CR_recon's default model on the built-in data with
     the demo recipe (here on a smaller built-in set and one epoch)."""
