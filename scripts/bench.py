@@ -370,8 +370,8 @@ def _spectral_steps(ref, ours, x, y, device):
     return (lambda: orig_step(x, y)), ours_step
 
 
-def _proc_tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS of `pid`, summed PSS of `pid` and its descendants), bytes (Linux)."""
+def _proc_tree_memory(pid: int) -> tuple[int, dict[int, int]]:
+    """(RSS of `pid`, {pid: PSS} of `pid` and its descendants), bytes (Linux)."""
     def kids(p):
         out = []
         try:
@@ -393,11 +393,12 @@ def _proc_tree_memory(pid: int) -> tuple[int, int]:
         return 0
 
     rss = field(f"/proc/{pid}/status", "VmRSS:")
-    todo, pss = [pid], 0
+    todo, pss = [pid], {}
     while todo:
         p = todo.pop()
-        pss += field(f"/proc/{p}/smaps_rollup", "Pss:")
-        todo += kids(p)
+        if p not in pss:
+            pss[p] = field(f"/proc/{p}/smaps_rollup", "Pss:")
+            todo += kids(p)
     return rss, pss
 
 
@@ -448,6 +449,57 @@ def _write_synthetic_raw(root: Path, parts: int, rows: int, seed: int = 0) -> in
     return sum(p.stat().st_size for p in root.iterdir())
 
 
+def _spectral_data(args, batch: int, step_rate: float | None) -> list[dict]:
+    """Peak memory and speed of building the training loader and iterating one epoch over a
+    synthetic full-size raw set (2 x 100,000 rows), in a child process."""
+    rows = []
+    # data: a full-size raw set written once to a temporary folder
+    parts, per_part = (2, 5000) if args.quick else (2, 100_000)
+    workers = 2
+    with tempfile.TemporaryDirectory(prefix="spectral-bench-") as tmp:
+        t0 = time.perf_counter()
+        size = _write_synthetic_raw(Path(tmp), parts, per_part)
+        os.sync()   # measure reading settled files, not pages still being written back
+        print(f"  wrote {parts} x {per_part} raw rows ({size / 2 ** 30:.2f} GiB) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from scripts.bench import _spectral_loader_child; "
+                f"_spectral_loader_child({tmp!r}, {batch}, {workers})")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peak_rss = peak_pss = 0
+        peak_at, t_start = {}, time.perf_counter()
+        while proc.poll() is None:
+            rss, per_process = _proc_tree_memory(proc.pid)
+            peak_rss = max(peak_rss, rss)
+            if sum(per_process.values()) > peak_pss:
+                peak_pss = sum(per_process.values())
+                peak_at = {"t_s": round(time.perf_counter() - t_start, 1),
+                           "pss_MiB": [v >> 20 for v in per_process.values()]}
+            time.sleep(0.05)
+        out = proc.stdout.read()
+        if proc.returncode != 0:
+            raise SystemExit(f"loader benchmark failed ({proc.returncode}):\n{out}")
+        res = json.loads(out.strip().splitlines()[-1])
+    struct_bytes = res["valid_rows"] * 128 * 128
+    original_peak = 4 * struct_bytes   # valid rows + rotated copy + [valid; rotated] (CR_recon dataset.py)
+    loader_rate = res["samples"] / res["epoch_s"]
+    rows.append({"what": "loader: build + one epoch", "raw_rows": parts * per_part, "valid_rows": res["valid_rows"],
+                 "train_samples": res["train_samples"], "build_s": res["build_s"], "epoch_s": res["epoch_s"],
+                 "peak_rss_main_GiB": peak_rss / 2 ** 30, "peak_pss_all_processes_GiB": peak_pss / 2 ** 30,
+                 "original_peak_GiB_computed": original_peak / 2 ** 30, "workers": workers,
+                 "pss_peak_at": str(peak_at)})
+    if step_rate:
+        rows.append({"what": "loader throughput vs train step", "loader_samples_s": loader_rate,
+                     "train_step_samples_s": step_rate, "ratio": loader_rate / step_rate})
+    print(f"  loader: {res['valid_rows']} valid rows, built in {res['build_s']:.1f} s, epoch of {res['samples']} "
+          f"samples in {res['epoch_s']:.1f} s ({loader_rate:.0f}/s"
+          + (f", {loader_rate / step_rate:.0f}x the train step" if step_rate else "") + "); "
+          f"peak RSS {peak_rss / 2 ** 30:.2f} GiB (all processes: PSS {peak_pss / 2 ** 30:.2f} GiB) against "
+          f"{original_peak / 2 ** 30:.1f} GiB computed for CR_recon", flush=True)
+    report(rows, "spectral data loader")
+    return rows
+
+
 def bench_spectral(args) -> list[dict]:
     """CR_recon's cnn_xattn: a training step (batch 64) and inference (batch 256) against the
     transcription of the original (tests/spectral_ref/original.py, the same weights), where the time
@@ -456,6 +508,8 @@ def bench_spectral(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     bs_train, bs_infer = (8, 32) if args.quick else (64, 256)
+    if args.part == "data":
+        return _spectral_data(args, bs_train, None)
     ref, ours = _spectral_models({})
     ref, ours = ref.to(device), ours.to(device)
     g = torch.Generator().manual_seed(0)
@@ -508,41 +562,7 @@ def bench_spectral(args) -> list[dict]:
                 t = timed(lambda: ours(xi), args.repeats, warmup=2)
             rows.append({"what": f"inference (ours, {name} autocast)", "batch": bs_infer, "structures_s": bs_infer / t})
 
-    # data: a full-size raw set written once to a temporary folder
-    parts, per_part = (2, 5000) if args.quick else (2, 100_000)
-    workers = 2
-    with tempfile.TemporaryDirectory(prefix="spectral-bench-") as tmp:
-        t0 = time.perf_counter()
-        size = _write_synthetic_raw(Path(tmp), parts, per_part)
-        os.sync()   # measure reading settled files, not pages still being written back
-        print(f"  wrote {parts} x {per_part} raw rows ({size / 2 ** 30:.2f} GiB) in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from scripts.bench import _spectral_loader_child; "
-                f"_spectral_loader_child({tmp!r}, {bs_train}, {workers})")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        peak_rss = peak_pss = 0
-        while proc.poll() is None:
-            rss, pss = _proc_tree_memory(proc.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            time.sleep(0.05)
-        out = proc.stdout.read()
-        if proc.returncode != 0:
-            raise SystemExit(f"loader benchmark failed ({proc.returncode}):\n{out}")
-        res = json.loads(out.strip().splitlines()[-1])
-    struct_bytes = res["valid_rows"] * 128 * 128
-    original_peak = 4 * struct_bytes   # valid rows + rotated copy + [valid; rotated] (CR_recon dataset.py)
-    loader_rate = res["samples"] / res["epoch_s"]
-    rows.append({"what": "loader: build + one epoch", "raw_rows": parts * per_part, "valid_rows": res["valid_rows"],
-                 "train_samples": res["train_samples"], "build_s": res["build_s"], "epoch_s": res["epoch_s"],
-                 "peak_rss_main_GiB": peak_rss / 2 ** 30, "peak_pss_all_processes_GiB": peak_pss / 2 ** 30,
-                 "original_peak_GiB_computed": original_peak / 2 ** 30, "workers": workers})
-    rows.append({"what": "loader throughput vs train step", "loader_samples_s": loader_rate,
-                 "train_step_samples_s": step_rate, "ratio": loader_rate / step_rate})
-    print(f"  loader: {res['valid_rows']} valid rows, built in {res['build_s']:.1f} s, epoch of {res['samples']} "
-          f"samples in {res['epoch_s']:.1f} s ({loader_rate:.0f}/s, {loader_rate / step_rate:.0f}x the train step); "
-          f"peak RSS {peak_rss / 2 ** 30:.2f} GiB (all processes: PSS {peak_pss / 2 ** 30:.2f} GiB) against "
-          f"{original_peak / 2 ** 30:.1f} GiB computed for CR_recon", flush=True)
+    rows += _spectral_data(args, bs_train, step_rate)
     report(rows, f"spectral (cnn_xattn) on {device.type}, {torch.get_num_threads()} threads")
     return rows
 
@@ -559,6 +579,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu section: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
+    p.add_argument("--part", choices=("all", "data"), default="all", help="spectral section: only the data loader")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     args = p.parse_args()
     if args.threads:

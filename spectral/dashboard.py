@@ -13,9 +13,11 @@ stops with the training.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import socket
 import sys
 import types
 from pathlib import Path
@@ -34,6 +36,24 @@ def _no_tensorflow() -> None:
     # Without this marker tensorboard imports all of TensorFlow when it is installed (it is, for
     # other tasks' tests); serving and writing events need only tensorboard's own stub.
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
+def check_port(host: str, port: int) -> None:
+    """Before any output is written: refuse a port that another program serves on."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--dashboard-host {host}: unknown address ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"--dashboard: cannot serve on {host}:{port} ({e.strerror or e}); choose another port "
+                            f"with --dashboard PORT, or --no-dashboard") from None
 
 
 class Dashboard:

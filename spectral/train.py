@@ -38,7 +38,7 @@ from common.io import UserError, atomic_write_text, run_cli
 from common.schedulers import warmup_cosine
 from common.trainer import Trainer, run_finished
 from spectral.config import DEFAULT_CONFIG, check_config, load_config, resolve_data_files, to_yaml
-from spectral.dashboard import DEFAULT_HOST, DEFAULT_PORT, Dashboard, LiveLog
+from spectral.dashboard import DEFAULT_HOST, DEFAULT_PORT, Dashboard, LiveLog, check_port
 from spectral.data import (BUILTIN_VERSION, RawData, SpectralDataset, find_parts, load_split, make_builtin_dataset,
                            make_split, save_split, to_cells)
 from spectral.losses import build_loss, finish_metrics, spectral_metrics
@@ -221,6 +221,11 @@ def main(argv=None):
     if args.resume is None and args.out is None:
         resolved.out = Path(cfg["output"]["dir"]) / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    port = args.dashboard if args.dashboard not in (None, -1) else cfg["dashboard"]["port"]
+    want_dashboard = not args.no_dashboard and (args.dashboard is not None or cfg["dashboard"]["enabled"])
+    if want_dashboard:
+        check_port(args.dashboard_host, port)
+
     # everything that reads user files comes before the run folder is made
     raw = RawData(struct_files, spectra_files, cfg["data"]["out_len"])
     if len(raw) < 2:
@@ -247,7 +252,7 @@ def main(argv=None):
               f"({n_raw - len(raw)} never simulated, skipped) from {struct_files[0].parent}")
         aug = " x2 with the 180-degree rotation" if cfg["data"]["augment_180"] else ""
         print(f"split: {len(split.train)} train{aug} / {len(split.val)} val structures ({split.source})")
-        if args.resume is None:
+        if args.resume is None or not (run.out_dir / "split.json").is_file():   # a resume into a new --out too
             save_split(run.out_dir / "split.json", raw, split, cfg["seed"], cfg["data"]["train_ratio"])
             atomic_write_text(run.out_dir / "config.yaml", to_yaml(cfg))
 
@@ -335,8 +340,7 @@ def main(argv=None):
         return {"out_dir": run.out_dir, "history": ckpt["extra"]["trainer"]["history"]}
 
     dashboard = None
-    port = args.dashboard if args.dashboard not in (None, -1) else cfg["dashboard"]["port"]
-    if main_rank and not args.no_dashboard and (args.dashboard is not None or cfg["dashboard"]["enabled"]):
+    if main_rank and want_dashboard:
         dashboard = Dashboard(run.out_dir / "tensorboard", port, args.dashboard_host)
         print(f"dashboard: {dashboard.start()} (TensorBoard; loss curves under Scalars, the validation sample "
               f"under Images)", flush=True)
@@ -364,6 +368,7 @@ def main(argv=None):
             live.close()
     if main_rank and result["best_epoch"]:
         best = result["history"][result["best_epoch"] - 1]
+
         def vs(value, ref):
             return f"{abs(100.0 * (1.0 - value / ref)):.0f}% {'lower' if value <= ref else 'higher'}" if ref > 0 else "n/a"
         print(f"best epoch {result['best_epoch']}: val_loss {best['val_loss']:.4g} vs {baseline:.4g} for predicting the "

@@ -206,15 +206,24 @@ def test_server_stops_when_training_fails(tmp_path):
     assert not port_open(url)
 
 
-def test_a_port_in_use_is_one_line(tmp_path):
-    from common.io import UserError
+def test_a_port_in_use_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from common.io import UserError, run_cli
 
+    write_raw(tmp_path / "raw", rows=(6,), invalid_every=100)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
         with pytest.raises(UserError, match=f"--dashboard: TensorBoard could not bind to port {port}"):
             dash.Dashboard(tmp_path / "tb", port).start()
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run_cli(lambda: train_main([str(a) for a in ("--config", tmp_path / "tiny.yaml", "--data", tmp_path / "raw",
+                                                         "--out", tmp_path / "run", "--dashboard", port)]))
+        err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot serve on 127.0.0.1:{port}" in err[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_figure_uses_the_wavelengths_of_the_sampled_points(monkeypatch):
