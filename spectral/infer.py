@@ -1,0 +1,294 @@
+"""Predict spectra of metasurface structures with a trained model: ours, or CR_recon's own checkpoints.
+
+  python spectral/infer.py --weights runs/spectral/cnn_xattn-.../best.pt --structs S.npy --out P.npy
+  python spectral/infer.py --config CR_recon/configs/default.yaml --weights cnn_xattn_best.pt \\
+      --structs S.npy --out P.npy                    # a CR_recon checkpoint: its config names the model
+  python spectral/infer.py --weights best.pt --structs pngs/ --out P.npy --csv P.csv --plot plots/
+  python spectral/infer.py --weights best.pt --structs S.npy --out P.npy --evaluate spectra_latest_0.npy
+
+--structs: a .npy of shape (N,1,128,128) or (N,128,128) with values 0/1 (any integer, bool or float
+type), or a folder (or file) of 128x128 black-and-white PNGs. The model sees structure*2-1 (CR_recon's
+map_to_pm1; structure as is when the config sets it false).
+--out: (N,2,2,out_len) float32, the model's raw output: cells [[R,G],[G,B]], the spectra with
+CR_recon's sign flip (positive), at the wavelengths `--csv` lists (400, 410, 420, 431, ... nm).
+--weights: our best.pt / last.pt (the model comes from the checkpoint), or a CR_recon checkpoint
+({model, optimizer, epoch, val_loss, best_val_loss}, saved on a GPU or not) or bare state_dict,
+with --config for the model (the config's data files need not exist).
+--evaluate: ground truth, raw (N,3,301) spectra (rows that are all zero are skipped) or (N,2,2,out_len)
+targets; writes the metrics (loss of the config, MSE, mean Pearson r, RMSE per colour) as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
+from common.data import IMAGE_SUFFIXES, list_images
+from common.device import select_device
+from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
+                       load_untrusted, run_cli)
+from spectral.config import check_config, load_config
+from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
+from spectral.losses import CELL_NAMES, build_loss, finish_metrics, spectral_metrics
+from spectral.model import build_model, describe_weights, load_state_dict_checked, strip_prefixes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a CR_recon checkpoint")
+    p.add_argument("--config", type=Path, help="YAML config with the model (needed for CR_recon checkpoints)")
+    p.add_argument("--structs", type=Path, required=True, help=".npy of structures, or a folder of PNGs")
+    p.add_argument("--out", type=Path, help="predictions .npy (default runs/spectral/predictions-<time>.npy)")
+    p.add_argument("--csv", type=Path, help="also write the predictions as CSV (one row per structure and cell)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG of each structure's spectra")
+    p.add_argument("--plot-max", type=int_range(1, 100000), default=16, help="at most this many plots (default 16)")
+    p.add_argument("--evaluate", type=Path, metavar="SPECTRA", help="ground-truth spectra: write metrics JSON")
+    p.add_argument("--metrics", type=Path, help="metrics JSON path (default: OUT with .metrics.json)")
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW activations (channels_last is faster on CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_threads_arg(p)
+    add_max_pixels_arg(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model
+def load_model(weights: Path, config: Path | None) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, config). Our checkpoints carry their config; CR_recon's need --config."""
+    obj = load_untrusted(weights)
+    ours = isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("extra"), dict) \
+        and isinstance(obj["extra"].get("spectral"), dict)
+    if ours:
+        cfg = check_config(obj["extra"]["spectral"]["config"], str(weights), training=False)
+        if config is not None:
+            given = load_config(config, training=False)
+            if given["model"] != cfg["model"]:
+                raise UserError(f"{weights}: holds {cfg['model']['name']} {cfg['model']['params']}, but {config} "
+                                f"asks for {given['model']['name']} {given['model']['params']}")
+            cfg = {**cfg, "data": {**cfg["data"], "map_to_pm1": given["data"]["map_to_pm1"]}}
+    elif config is not None:
+        cfg = load_config(config, training=False)
+    else:
+        held = describe_weights(obj.get("model", obj) if isinstance(obj, dict) else {})
+        what = f"{held['model']} weights" if held["model"] else "weights"
+        raise UserError(f"{weights}: {what} without a config of this project; give --config with the YAML "
+                        f"of the run that wrote them (its model section sets nhead, padding and the rest)")
+    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in sd.items()):
+        raise UserError(f"{weights}: no model weights found (expected a checkpoint with a 'model' entry "
+                        f"or a state_dict)")
+    name, params = cfg["model"]["name"], cfg["model"]["params"]
+    model = build_model(name, **params)
+    load_state_dict_checked(model, name, params, strip_prefixes(sd), weights)
+    return model.eval(), cfg
+
+
+# ---------------------------------------------------------------- structures
+class NpyStructures:
+    """Structures from a .npy, memory-mapped and read batch by batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        a = self.array
+        if a.ndim == 3:
+            a = a.reshape(a.shape[0], 1, *a.shape[1:])
+        if a.ndim != 4 or tuple(a.shape[1:]) != STRUCT_SHAPE:
+            raise UserError(f"{path}: structures must have shape (N,1,128,128) or (N,128,128), found {self.array.shape}")
+        if a.dtype.kind not in "buif":
+            raise UserError(f"{path}: structures must be numbers 0/1, found dtype {a.dtype}")
+        if a.shape[0] == 0:
+            raise UserError(f"{path}: holds no structures")
+        self.array = a
+        self.names = [str(i) for i in range(a.shape[0])]
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        a = np.asarray(self.array[start:stop])
+        bad = ~((a == 0) | (a == 1))
+        if bad.any():
+            i = start + int(np.argmax(bad.reshape(len(a), -1).any(1)))
+            v = a.reshape(len(a), -1)[i - start][bad.reshape(len(a), -1)[i - start]][0].item()
+            raise UserError(f"{self.path}: structure {i} holds the value {v!r}; structures must be 0 or 1")
+        return a.astype(np.float32)
+
+
+class PngStructures:
+    """Structures from 128x128 black-and-white images (0 / 255, or 0 / 1)."""
+
+    def __init__(self, path: Path):
+        self.paths = list_images(path)
+        self.names = [p.name for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        out = []
+        for p in self.paths[start:stop]:
+            a = np.asarray(load_image(p, "L"))
+            if a.shape != STRUCT_SHAPE[1:]:
+                raise UserError(f"{p}: image is {a.shape[1]}x{a.shape[0]}, structures are 128x128")
+            values = np.unique(a)
+            if set(values.tolist()) <= {0, 255}:
+                a = a // 255
+            elif not set(values.tolist()) <= {0, 1}:
+                raise UserError(f"{p}: not a black-and-white structure (values {values[:5].tolist()}...; "
+                                f"expected only 0 and 255)")
+            out.append(a[None].astype(np.float32))
+        return np.stack(out)
+
+
+def open_structures(path: Path):
+    if path.is_file() and path.suffix.lower() == ".npy":
+        return NpyStructures(path)
+    if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
+        return PngStructures(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    raise UserError(f"{path}: expected a .npy file or a folder of PNG images")
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, structs, device: torch.device, batch_size: int, map_to_pm1: bool,
+            channels_last: bool) -> np.ndarray:
+    out = []
+    for start in tqdm(range(0, len(structs), batch_size), desc="predict", leave=False,
+                      disable=len(structs) <= batch_size):
+        x = torch.from_numpy(structs.batch(start, min(start + batch_size, len(structs)))).to(device)
+        if map_to_pm1:
+            x = x * 2.0 - 1.0
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------- outputs
+def ground_truth(path: Path, n: int, out_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(targets (M,2,2,out_len), indices of the structures they belong to)."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+    if a.shape[:1] != (n,):
+        raise UserError(f"{path}: {a.shape[0] if a.ndim else 0} rows of spectra for {n} structures")
+    if a.dtype.kind != "f":
+        raise UserError(f"{path}: spectra must be floating point, found dtype {a.dtype}")
+    a = np.asarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise UserError(f"{path}: row {int(np.argmax(~np.isfinite(a).reshape(n, -1).all(1)))} holds NaN or inf")
+    if a.shape[1:] == (3, N_POINTS):
+        keep = np.flatnonzero((a != 0).any(axis=(1, 2)))
+        return to_cells(-a[keep][:, :, sample_indices(out_len)]), keep
+    if a.shape[1:] == (2, 2, out_len):
+        return a, np.arange(n)
+    raise UserError(f"{path}: expected raw spectra (N,3,{N_POINTS}) or targets (N,2,2,{out_len}), found {a.shape}")
+
+
+def write_csv(path: Path, names: list[str], pred: np.ndarray) -> None:
+    waves = wavelengths_nm(pred.shape[-1])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["structure", "cell"] + [f"{v:g}nm" for v in waves])
+    for name, p in zip(names, pred):
+        for c, cell in enumerate(CELL_NAMES):
+            w.writerow([name, cell] + [f"{v:.6g}" for v in p.reshape(4, -1)[c]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_plots(folder: Path, names: list[str], structs, pred: np.ndarray, limit: int) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    waves = wavelengths_nm(pred.shape[-1])
+    n = min(limit, len(names))
+    for i in range(n):
+        fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90, gridspec_kw={"width_ratios": [1, 1.8]})
+        ax[0].imshow(structs.batch(i, i + 1)[0, 0], cmap="gray", interpolation="nearest")
+        ax[0].axis("off")
+        for label, (r, c), colour in (("R", (0, 0), "#d62728"), ("G", (0, 1), "#2ca02c"), ("B", (1, 1), "#1f77b4")):
+            ax[1].plot(waves, pred[i, r, c], color=colour, label=label)
+        ax[1].set_xlabel("wavelength (nm)")
+        ax[1].legend()
+        ax[1].set_title(f"structure {names[i]}")
+        fig.tight_layout()
+        with atomic_open(folder / f"spectra_{i:05d}.png", "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+    return n
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    apply_runtime_args(args)
+    out = check_output_file(args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy",
+                            args.overwrite)
+    if args.csv:
+        check_output_file(args.csv, args.overwrite, "--csv")
+    metrics_path = None
+    if args.evaluate:
+        metrics_path = check_output_file(args.metrics or out.with_suffix(".metrics.json"), args.overwrite, "--metrics")
+    if args.plot:
+        check_output_dir(args.plot, [f"spectra_{i:05d}.png" for i in range(args.plot_max)], args.overwrite, "--plot")
+
+    model, cfg = load_model(args.weights, args.config)
+    structs = open_structures(args.structs)
+    out_len = cfg["model"]["params"]["out_len"]
+    truth = ground_truth(args.evaluate, len(structs), out_len) if args.evaluate else None
+    device = select_device(args.device)
+    channels_last = not args.no_channels_last and device.type == "cpu"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    pred = predict(model, structs, device, args.batch_size, cfg["data"]["map_to_pm1"], channels_last)
+    seconds = time.perf_counter() - t0
+
+    buf = io.BytesIO()
+    np.save(buf, pred.astype(np.float32))
+    with atomic_open(out, "wb") as f:
+        f.write(buf.getbuffer())
+    print(f"{len(pred)} structure(s) in {seconds:.2f} s ({len(pred) / seconds:.1f}/s) with {cfg['model']['name']}; "
+          f"predictions {tuple(pred.shape)} written to {out}")
+    if args.csv:
+        write_csv(args.csv, structs.names, pred)
+        print(f"CSV written to {args.csv}")
+    if args.plot:
+        n = write_plots(args.plot, structs.names, structs, pred, args.plot_max)
+        print(f"{n} plot(s) written to {args.plot}")
+    if truth is not None:
+        tgt, keep = truth
+        p, t = torch.from_numpy(pred[keep]), torch.from_numpy(np.ascontiguousarray(tgt))
+        loss = build_loss(cfg["loss"]["name"], **cfg["loss"]["params"])
+        metrics = {"loss_name": cfg["loss"]["name"], "loss": float(loss(p, t)),
+                   **{k.removeprefix("val_"): v for k, v in finish_metrics(spectral_metrics(p, t)).items()},
+                   "structures": len(pred), "evaluated": int(len(keep)),
+                   "skipped_not_simulated": int(len(pred) - len(keep)),
+                   "weights": str(args.weights), "ground_truth": str(args.evaluate)}
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        print(f"metrics on {len(keep)} structure(s): loss {metrics['loss']:.4g}, mse {metrics['mse']:.4g}, "
+              f"pearson r {metrics['pearson_r']:.3f}; written to {metrics_path}")
+    return pred
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,202 @@
+"""spectral/infer.py on CR_recon's own checkpoints (written by the transcribed original classes and
+its Trainer's checkpoint dict, storages claiming cuda:0), exactly as the acceptance check runs it,
+plus PNG input, CSV, plots, --evaluate and bad input."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.io import run_cli
+from spectral.data import physical_spectra, random_structures, sample_indices, to_cells
+from spectral.infer import main as infer_main
+from tests.spectral_ref import original
+from tests.spectral_ref.checkpoints import original_checkpoint, save_claiming_cuda
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODELS = {   # (name, model.params as a CR_recon config writes them)
+    "xattn_default": ("cnn_xattn", {"out_len": 30, "d_model": 256, "nhead": 8, "dec_layers": 4, "cnn_dropout": 0.05,
+                                    "tr_dropout": 0.1, "head_dropout": 0.2, "use_circular_padding": True}),
+    "xattn_small_zero": ("cnn_xattn", {"out_len": 20, "d_model": 64, "nhead": 4, "dec_layers": 2, "ff_mult": 2,
+                                       "cnn_dropout": 0.0, "tr_dropout": 0.0, "head_dropout": 0.0,
+                                       "enforce_diag_sym": True, "use_circular_padding": False}),
+    "gru_default_zero": ("cnn_gru", {"out_len": 30, "d_model": 128, "gru_layers": 2, "cnn_dropout": 0.05,
+                                     "head_dropout": 0.1, "use_circular_padding": False}),
+    "gru_small": ("cnn_gru", {"out_len": 12, "d_model": 48, "gru_layers": 3, "cnn_dropout": 0.1,
+                              "head_dropout": 0.0, "use_circular_padding": True}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def crrecon_yaml(name: str, params: dict, loss: str = "mse_pearson", data_out_len: int | None = None) -> str:
+    """A config in CR_recon's schema; its data paths do not exist here (inference does not need them).
+    data.out_len is a key of its own in CR_recon, which users do not always keep equal to the model's."""
+    lines = ["seed: 42", "data:", "  struct_files: ['../data_CR-main/binary_dataset_128_0.npy']",
+             "  spectra_files: ['../data_CR-main/spectra_latest_0.npy']", f"  out_len: {data_out_len or params['out_len']}",
+             "  map_to_pm1: true", "  augment_180: true", "  train_ratio: 0.95", "  batch_size: 400", "  num_workers: 0",
+             "model:", f"  name: \"{name}\"", "  params:"]
+    lines += [f"    {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
+    lines += ["loss:", f"  name: \"{loss}\"", "  params:",
+              *(["    w_mse: 0.5", "    w_corr: 0.5"] if loss == "mse_pearson" else ["    lambda1: 0.1", "    lambda2: 0.05"]),
+              "training:", "  epochs: 300", "  lr: 0.003", "  weight_decay: 0.005", "  grad_clip: 1.0", "  use_amp: true",
+              "  warmup_ratio: 0.05", "  save_every: 10", "dashboard:", "  enabled: true", "  port: 8501",
+              "output:", "  dir: \"outputs/\"", "  log_file: \"train_log.txt\""]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """Per model: (config, checkpoint, reference model in eval mode)."""
+    root = tmp_path_factory.mktemp("crrecon")
+    out = {}
+    for key, (name, params) in MODELS.items():
+        model, ckpt = original_checkpoint(name, params, seed=len(out))
+        cfg = root / f"{key}.yaml"
+        cfg.write_text(crrecon_yaml(name, params, data_out_len=30 if key == "gru_small" else None))
+        path = root / key / f"{name}_best.pt"
+        path.parent.mkdir()
+        save_claiming_cuda(ckpt, path)
+        out[key] = (cfg, path, model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def structs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("structs")
+    s = random_structures(5, np.random.default_rng(7))
+    np.save(root / "S.npy", s)
+    return root / "S.npy", s
+
+
+def call(*argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = infer_main([str(a) for a in argv])
+    return result, buf.getvalue()
+
+
+def cli_error(capsys, *argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: infer_main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def reference(model, s: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(s.astype(np.float32)) * 2 - 1).numpy()
+
+
+def test_the_checkpoints_claim_a_gpu(originals):
+    _, path, _ = originals["gru_small"]
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    assert set(ckpt) == {"model", "optimizer", "epoch", "val_loss", "best_val_loss"}
+
+
+def test_acceptance_command_line(originals, structs, tmp_path):
+    """Exactly as the acceptance check runs it: a CR_recon config, the original's checkpoint."""
+    cfg, weights, model = originals["xattn_default"]
+    s_path, s = structs
+    out = tmp_path / "P.npy"
+    res = subprocess.run([sys.executable, str(REPO / "spectral" / "infer.py"), "--config", str(cfg), "--weights",
+                          str(weights), "--structs", str(s_path), "--out", str(out)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    pred = np.load(out)
+    assert pred.dtype == np.float32 and pred.shape == (5, 2, 2, 30)
+    assert np.abs(pred - reference(model, s)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("key", ["xattn_small_zero", "gru_default_zero", "gru_small"])
+def test_other_models_paddings_and_sizes(originals, structs, tmp_path, key):
+    cfg, weights, model = originals[key]
+    s_path, s = structs
+    pred, _ = call("--config", cfg, "--weights", weights, "--structs", s_path, "--out", tmp_path / "P.npy")
+    assert pred.shape == (5, 2, 2, MODELS[key][1]["out_len"])
+    assert np.abs(np.load(tmp_path / "P.npy") - reference(model, s)).max() <= 1e-5
+
+
+def test_png_folder_csv_plots_and_evaluate(originals, tmp_path):
+    cfg, weights, model = originals["gru_small"]
+    s = random_structures(3, np.random.default_rng(1))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(s[i, 0] * 255).save(folder / f"cell_{i}.png")
+    spectra = physical_spectra(s)
+    spectra[1] = 0                                          # a row never simulated: skipped
+    np.save(tmp_path / "gt.npy", spectra)
+    pred, text = call("--config", cfg, "--weights", weights, "--structs", folder, "--out", tmp_path / "P.npy",
+                      "--csv", tmp_path / "P.csv", "--plot", tmp_path / "plots", "--evaluate", tmp_path / "gt.npy")
+    assert np.abs(pred - reference(model, s)).max() <= 1e-5
+    rows = (tmp_path / "P.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["structure", "cell", "400nm", "427nm"]   # 12 points: 0, 27, 54, ...
+    assert rows[1].split(",")[:2] == ["cell_0.png", "R"] and rows[4].split(",")[:2] == ["cell_0.png", "B"]
+    assert np.allclose([float(v) for v in rows[4].split(",")[2:]], pred[0, 1, 1], rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [f"spectra_0000{i}.png" for i in range(3)]
+    metrics = json.loads((tmp_path / "P.metrics.json").read_text())
+    keep = [0, 2]
+    tgt = to_cells(-spectra[keep][:, :, sample_indices(12)])
+    loss = original.get_loss("mse_pearson", w_mse=0.5, w_corr=0.5)(torch.from_numpy(pred[keep]), torch.from_numpy(tgt))
+    assert metrics["evaluated"] == 2 and metrics["skipped_not_simulated"] == 1
+    assert math.isclose(metrics["loss"], float(loss), rel_tol=1e-6)
+    assert math.isclose(metrics["mse"], float(((pred[keep] - tgt) ** 2).mean()), rel_tol=1e-5)
+    assert "Infinity" not in (tmp_path / "P.metrics.json").read_text()
+
+
+def test_bad_input_is_one_line_and_overwrites_nothing(originals, structs, tmp_path, capsys):
+    s_path, s = structs
+    xcfg, xw, _ = originals["xattn_small_zero"]
+    gcfg, gw, _ = originals["gru_small"]
+    out = tmp_path / "P.npy"
+    out.write_bytes(b"keep me")
+    err = cli_error(capsys, "--config", xcfg, "--weights", xw, "--structs", s_path, "--out", out)
+    assert "P.npy already exists" in err and out.read_bytes() == b"keep me"
+    new = tmp_path / "new.npy"
+    err = cli_error(capsys, "--config", xcfg, "--weights", gw, "--structs", s_path, "--out", new)
+    assert "holds cnn_gru weights, but the config asks for cnn_xattn" in err and not new.exists()
+    cfg40 = tmp_path / "gru40.yaml"
+    cfg40.write_text(crrecon_yaml("cnn_gru", {**MODELS["gru_small"][1], "out_len": 40}))
+    err = cli_error(capsys, "--config", cfg40, "--weights", gw, "--structs", s_path, "--out", new)
+    assert "with out_len 12, but the config asks for cnn_gru (out_len 40" in err
+    err = cli_error(capsys, "--weights", gw, "--structs", s_path, "--out", new)
+    assert "cnn_gru weights without a config of this project; give --config" in err
+    bad = s.copy()
+    bad[2, 0, 5, 5] = 2
+    np.save(tmp_path / "bad.npy", bad)
+    err = cli_error(capsys, "--config", gcfg, "--weights", gw, "--structs", tmp_path / "bad.npy", "--out", new)
+    assert "bad.npy: structure 2 holds the value 2" in err
+    np.save(tmp_path / "shape.npy", s[:, :, :64])
+    err = cli_error(capsys, "--config", gcfg, "--weights", gw, "--structs", tmp_path / "shape.npy", "--out", new)
+    assert "must have shape (N,1,128,128) or (N,128,128), found (5, 1, 64, 128)" in err
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray((np.arange(128 * 128) % 200).astype(np.uint8).reshape(128, 128)).save(grey / "a.png")
+    err = cli_error(capsys, "--config", gcfg, "--weights", gw, "--structs", grey, "--out", new)
+    assert "a.png: not a black-and-white structure" in err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    err = cli_error(capsys, "--config", gcfg, "--weights", tmp_path / "junk.pt", "--structs", s_path, "--out", new)
+    assert "junk.pt: not a PyTorch checkpoint" in err
+    assert not new.exists()
