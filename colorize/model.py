@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.io import UserError
+from common.io import UserError, strip_wrapper_prefixes
 
 MODEL_NAMES = ("unet", "improved_unet")
 ORIGINAL_WIDTH = 64
@@ -284,21 +284,6 @@ def build_model(name: str, width: int = ORIGINAL_WIDTH, in_channels: int = 3, ou
 # ---------------------------------------------------------------- original checkpoints
 # Keys that tell the two architectures apart (the output layer is `out` in one, `outconv` in the other).
 _SIGNATURE = {"unet": "out.weight", "improved_unet": "outconv.weight"}
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DataParallel / DDP
-
-
-def strip_prefixes(sd: dict) -> dict:
-    """Remove the wrapper prefixes torch.compile and (D)DP put in front of every key."""
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
 
 
 def detect_architecture(sd: dict) -> tuple[str, int] | None:
@@ -319,7 +304,7 @@ def load_original_state(obj, path, model: str | None = None) -> tuple[dict, str,
                                                      for k, v in sd.items()):
         raise UserError(f"{path}: no U-Net weights found (expected the original's checkpoint with "
                         f"'model_state_dict', a state_dict, or a checkpoint of colorize/train.py)")
-    sd = strip_prefixes(sd)
+    sd, _ = strip_wrapper_prefixes(sd)
     found = detect_architecture(sd)
     if found is None:
         raise UserError(f"{path}: the weights are not a colorize U-Net (no conv1.double_conv.0.weight "

@@ -263,6 +263,22 @@ def _first_line(e: Exception) -> str:
     return text if text else type(e).__name__
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def strip_wrapper_prefixes(sd: dict) -> tuple[dict, list[str]]:
+    """(keys without the prefixes that wrapped models put in front of them, in any nesting; the
+    prefixes found). The originals saved their models wrapped as often as not."""
+    found, out = [], {}
+    for k, v in sd.items():
+        while k.startswith(WRAPPER_PREFIXES):
+            prefix = next(p for p in WRAPPER_PREFIXES if k.startswith(p))
+            found += [] if prefix in found else [prefix]
+            k = k[len(prefix):]
+        out[k] = v
+    return out, found
+
+
 def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a training checkpoint (key 'model') or a plain state_dict."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):

@@ -12,6 +12,14 @@ from pathlib import Path
 from common.io import atomic_open, atomic_write_text
 
 
+def tensorboard_without_tensorflow() -> None:
+    """Call before importing tensorboard: otherwise it imports all of TensorFlow when that is
+    installed (ours is, for the Keras tests): 4 s and a screen of TF log lines, after which torch's
+    first import of triton crashes the process. Writing and serving events needs only tensorboard's
+    own TF stub, which this module name selects."""
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
 class RunLog:
     """Holds the epoch history; rewrites log.csv and loss_curve.png from it after every epoch.
 
@@ -24,10 +32,7 @@ class RunLog:
         self.history = list(history or [])
         self.tb = None
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
-            # Without this marker tensorboard imports all of TensorFlow when it is installed (ours is,
-            # for the Keras tests): 4 s and a screen of TF log lines per run. Writing events needs only
-            # tensorboard's own TF stub, which this module name selects.
-            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+            tensorboard_without_tensorflow()
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=len(self.history) + 1)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common.io import UserError
+from common.io import UserError, strip_wrapper_prefixes
 from phaseformer.model import Phaseformer
 from phaseformer.safe_pickle import InertModule, RefusedGlobal, load_pickled
 
@@ -33,7 +33,6 @@ TORCH_CLASSES = (
     "torch.nn.parallel.data_parallel.DataParallel",  # torch.save(net_g) of a DataParallel-wrapped model
 )
 ALLOWED_CLASSES = frozenset([f"{m}.{c}" for m in OFFICIAL_MODULES for c in OFFICIAL_CLASSES] + list(TORCH_CLASSES))
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def expected_state() -> dict[str, torch.Tensor]:
@@ -44,19 +43,6 @@ def expected_state() -> dict[str, torch.Tensor]:
 
 def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-
-def _strip_wrappers(sd: dict) -> tuple[dict, list[str]]:
-    stripped = []
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                stripped.append(prefix)
-                changed = True
-    return sd, stripped
 
 
 def _from_inert(root: InertModule, path: Path) -> dict[str, torch.Tensor]:
@@ -99,7 +85,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     obj, info = _load_any(path)
-    sd, info["stripped"] = _strip_wrappers(_as_state_dict(obj, path))
+    sd, info["stripped"] = strip_wrapper_prefixes(_as_state_dict(obj, path))
     want = expected_state()
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]

@@ -18,24 +18,17 @@ import io
 import logging
 import math
 import socket
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 
 from common.io import UserError
+from common.runlog import tensorboard_without_tensorflow
 from spectral.data import CELL_LAYOUT, wavelengths_nm
 
 DEFAULT_PORT = 8501
 DEFAULT_HOST = "127.0.0.1"
 COLOURS = {"R": "#d62728", "G": "#2ca02c", "B": "#1f77b4"}
-
-
-def _no_tensorflow() -> None:
-    # Without this marker tensorboard imports all of TensorFlow when it is installed (it is, for
-    # other tasks' tests); serving and writing events need only tensorboard's own stub.
-    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 def check_port(host: str, port: int) -> None:
@@ -65,7 +58,7 @@ class Dashboard:
         self.url = None
 
     def start(self) -> str:
-        _no_tensorflow()
+        tensorboard_without_tensorflow()
         from tensorboard import program
 
         self.logdir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +95,7 @@ class LiveLog:
     """Per-step scalars, per-epoch sample figure and the configuration text, in RUN/tensorboard/live."""
 
     def __init__(self, logdir: Path, cfg: dict, purge_step: int | None = None):
-        _no_tensorflow()
+        tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(Path(logdir) / "live"), flush_secs=2, purge_step=purge_step)

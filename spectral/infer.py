@@ -34,12 +34,12 @@ from tqdm import tqdm
 from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import select_device
-from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
+from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
                        load_untrusted, run_cli)
 from spectral.config import check_config, load_config
 from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
 from spectral.losses import CELL_NAMES, build_loss, finish_metrics, spectral_metrics
-from spectral.model import build_model, describe_weights, load_state_dict_checked, strip_prefixes
+from spectral.model import build_model, describe_weights, load_state_dict_checked
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def load_model(weights: Path, config: Path | None) -> tuple[torch.nn.Module, dic
                         f"or a state_dict)")
     name, params = cfg["model"]["name"], cfg["model"]["params"]
     model = build_model(name, **params)
-    load_state_dict_checked(model, name, params, strip_prefixes(sd), weights)
+    load_state_dict_checked(model, name, params, strip_wrapper_prefixes(sd)[0], weights)
     return model.eval(), cfg
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.io import UserError
+from common.io import UserError, strip_wrapper_prefixes
 
 INPUT_SIZE = 128
 BACKBONE_CHANNELS = (64, 96, 128, 192, 256)
@@ -304,14 +304,6 @@ def build_model(name: str, **params) -> nn.Module:
 
 
 # ---------------------------------------------------------------- reading weights
-def strip_prefixes(sd: dict) -> dict:
-    """Weights saved from DataParallel/DDP (`module.`) or torch.compile (`_orig_mod.`) models."""
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def describe_weights(sd: dict) -> dict:
     """What a state_dict holds, read from its keys and shapes: model name, out_len, d_model and the
     layer count (None where it cannot be told)."""
@@ -333,7 +325,7 @@ def describe_weights(sd: dict) -> dict:
 
 def load_state_dict_checked(model: nn.Module, name: str, params: dict, sd: dict, path) -> None:
     """Load strictly; any mismatch is one line that says what the file holds and what was asked for."""
-    sd = strip_prefixes(sd)
+    sd, _ = strip_wrapper_prefixes(sd)
     own = model.state_dict()
     held = describe_weights(sd)
     asked = f"{name} (out_len {params['out_len']}, d_model {params['d_model']})"

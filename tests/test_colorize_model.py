@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from colorize.model import (ImprovedUNet, UNet, build_model, detect_architecture, load_original_state,
-                            load_state_strict, strip_prefixes)
-from common.io import UserError, load_untrusted
+                            load_state_strict)
+from common.io import UserError, load_untrusted, strip_wrapper_prefixes
 from tests.colorize_ref.original_unet import OriginalImprovedUNet, OriginalUNet
 
 
@@ -240,7 +240,7 @@ def test_other_architecture_and_foreign_weights_are_refused(plain_pair):
         load_original_state({"epoch": 3}, "x.pth")
     with pytest.raises(UserError, match="weights do not fit ImprovedUNet"):
         load_state_strict(build_model("improved_unet", 16), sd, "x.pth")
-    assert strip_prefixes({"module._orig_mod.a": 1, "b": 2}) == {"a": 1, "b": 2}
+    assert strip_wrapper_prefixes({"module._orig_mod.a": 1, "b": 2}) == ({"a": 1, "b": 2}, ["module.", "_orig_mod."])
 
 
 def test_bf16_autocast_training_step_runs_the_fused_norm_in_float32():
