@@ -193,10 +193,10 @@ def main(argv=None):
     epochs, batch_size, workers = settings["run_epochs"], settings["run_batch_size"], settings["run_workers"]
 
     csv_path = find_train_csv(args.data) if args.data is not None else None
-    if builtin and not args.threads:
+    if builtin and not args.threads and args.resume is None:
         # The demo model's operations are small: a second thread gains little, and when another
         # program keeps a core busy it makes each step about 3x slower (measured on 2 cores).
-        torch.set_num_threads(1)
+        args.threads = 1
         print("built-in demo: 1 CPU thread (give --threads to change)")
     run = setup_run(args, TASK, args.model, outputs=("samples",))
     main_rank = run.info.is_main

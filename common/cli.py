@@ -25,9 +25,12 @@ from common.distributed import DistInfo, init_distributed, local_device
 from common.io import UserError, load_untrusted, make_output_dir, remove_stale_temp_files, set_max_image_pixels
 from common.repro import seed_everything
 
-# Flags that do not change what a run computes: they may differ on --resume.
+# Flags that do not change what a run computes: they may differ on --resume. Those of them in
+# RESUME_KEEP still default to the checkpoint's value (threads: the count actually used, which can
+# change the last bits; workers: common.data.SeededSamples makes the data independent of it).
 RESUME_FREE = ("resume", "out", "device", "workers", "threads", "no_progress", "overwrite", "save_every",
-               "max_image_pixels")  # workers: common.data.SeededSamples makes the data independent of it
+               "max_image_pixels")
+RESUME_KEEP = ("workers", "threads", "no_progress", "save_every", "max_image_pixels")
 # What the common Trainer writes into a run folder (removed by --overwrite before a fresh run).
 RUN_OUTPUTS = ("last.pt", "best.pt", "epoch_*.pt", "log.csv", "loss_curve.png", "tensorboard")
 PILLOW_DEFAULT_MAX_PIXELS = 89_478_485
@@ -92,8 +95,8 @@ NONNEG = float_range(0)
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=NONNEG_INT, default=0,
-                   help="CPU threads for PyTorch (default 0: inference uses one per core that other "
-                        "programs leave idle; training uses PyTorch's default)")
+                   help="CPU threads for PyTorch (default 0: one per core that other programs leave idle "
+                        "at start; a resume keeps the run's count)")
 
 
 def add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
@@ -117,8 +120,11 @@ def auto_threads(sample_s: float = 0.2, read=_cpu_times) -> tuple[int, str]:
     """(threads, why): one per core that other programs leave idle right now, at most PyTorch's
     default. With every core free this is PyTorch's default; when another program keeps a core
     busy, fewer threads are much faster (measured: CRBL inference on 2 cores under load, 1 thread
-    41-88 img/s against 9-18 with 2), because every parallel region waits for its slowest thread."""
+    41-88 img/s against 9-18 with 2), because every parallel region waits for its slowest thread.
+    An OMP_NUM_THREADS setting (a cluster allocation, say) is taken as it is."""
     default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return default, "OMP_NUM_THREADS"
     try:
         cpus = set(os.sched_getaffinity(0))
         before = read(cpus)
@@ -133,21 +139,15 @@ def auto_threads(sample_s: float = 0.2, read=_cpu_times) -> tuple[int, str]:
     return idle, f"other programs keep {len(cpus) - idle} of {len(cpus)} cores busy"
 
 
-def apply_runtime_args(args: argparse.Namespace, auto_threads_default: bool = True) -> None:
+def apply_runtime_args(args: argparse.Namespace) -> None:
     """--threads and --max-image-pixels: call once at the start of any script that has them.
 
-    --threads 0 picks `auto_threads()` for inference. Training keeps PyTorch's default instead (the
-    thread count can change the last bits of the results, and a resume must replay them exactly)
-    and only suggests fewer threads when cores are busy."""
+    --threads 0 picks `auto_threads()`. The count used is written back into args, so a training
+    checkpoint records it and a resume uses it again (it can change the last bits of the results)."""
     if hasattr(args, "threads"):
-        if args.threads:
-            n, why = args.threads, "--threads"
-        else:
-            n, why = auto_threads()
-            if not auto_threads_default and n < torch.get_num_threads():
-                print(f"note: {why}: --threads {n} may train much faster (see README)")
-                n, why = torch.get_num_threads(), "PyTorch's default"
+        n, why = (args.threads, "--threads") if args.threads else auto_threads()
         torch.set_num_threads(n)
+        args.threads = n
         print(f"threads: {n} ({why}; --threads N to choose)")
     if hasattr(args, "max_image_pixels"):
         set_max_image_pixels(args.max_image_pixels)
@@ -203,8 +203,9 @@ def explicit_dests(parser: argparse.ArgumentParser, argv=None) -> set[str]:
 
 def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=()) -> argparse.Namespace:
     """parser.parse_args, plus the resume rule: with --resume, every flag not given on the command
-    line takes the value stored in the checkpoint's config, and a given flag whose value differs
-    from the stored one is refused (except the flags in RESUME_FREE and `resume_free`)."""
+    line takes the value stored in the checkpoint's config (RESUME_FREE ones only when they are in
+    RESUME_KEEP), and a given flag whose value differs from the stored one is refused (except the
+    flags in RESUME_FREE and `resume_free`)."""
     args = parser.parse_args(argv)
     if getattr(args, "resume", None) is None:
         return args
@@ -214,6 +215,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=()) ->
     actions = {a.dest: a for a in parser._actions}
     changed = []
     for dest, value in vars(args).items():
+        if dest in RESUME_KEEP and dest in stored and dest not in given:
+            setattr(args, dest, _from_stored(actions[dest], stored[dest]))
         if dest in free or dest not in stored:
             continue
         if dest in given:
@@ -313,7 +316,7 @@ def setup_run(args: argparse.Namespace, task: str, name: str, outputs=()) -> Run
     """
     if args.resume is not None and not args.resume.is_file():
         raise UserError(f"{args.resume}: checkpoint to resume from not found")
-    apply_runtime_args(args, auto_threads_default=False)
+    apply_runtime_args(args)
     device = select_device(args.device)
     info = init_distributed(device)
     device = local_device(device, info)

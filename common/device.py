@@ -61,7 +61,6 @@ def select_device(name: str = "auto", verbose: bool = True) -> torch.device:
         dev = torch.device("cpu")
     if verbose:
         extra = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
-        extra += f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
         print(f"device: {dev}{extra}")
     return dev
 

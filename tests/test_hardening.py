@@ -356,7 +356,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, workers):
             os.killpg(proc.pid, signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
-    assert "device: cpu, 1 threads" in "".join(seen)  # --threads is applied and printed
+    assert "threads: 1 (--threads" in "".join(seen)  # --threads is applied and printed
     assert proc.returncode == 130, err
     assert "resumable checkpoint" in err
     mid = load_checkpoint(cut / "last.pt")
@@ -372,6 +372,9 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, workers):
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.auto_threads(0, lambda cpus: 1 / 0) == (torch.get_num_threads(), "OMP_NUM_THREADS")  # not sampled
+    monkeypatch.delenv("OMP_NUM_THREADS")
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -384,3 +387,10 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
         assert cli.auto_threads(0, fake({0: 100, 1: 100}))[0] == 1       # never fewer than one
     finally:
         torch.set_num_threads(old)
+
+
+def test_a_resume_keeps_the_runs_thread_count_and_save_every(tmp_path):
+    p, path = _stored_run(tmp_path, threads=1, save_every=5)
+    args = cli.parse_args(p, ["--resume", str(path)])
+    assert (args.threads, args.save_every) == (1, 5)
+    assert cli.parse_args(p, ["--resume", str(path), "--threads", "2"]).threads == 2  # free to change
