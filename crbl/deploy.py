@@ -1,0 +1,71 @@
+"""The deployed CRBL graph: what crbl/infer.py runs (in PyTorch or ONNX Runtime) and what
+scripts/export_onnx.py --task crbl writes.
+
+    image        (N, 3, H, W) float32, RGB in [0, 1], NCHW: an image after crbl.data.preprocess
+                 (crop model: the part's bounding box; full model: the image without its first
+                 4 rows/columns; both resized to 128x128)
+    probability  (N,) float32: P(defect) = sigmoid(logit); defect if probability > threshold
+                 (infer.py's defaults: 0.01 for the crop model, 0.5 for the full model; combined:
+                 defect if crop > 0.01 or full > 0.5)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.io import UserError
+from common.onnx import ExportSpec
+from crbl.data import INPUT_SIZE
+from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
+
+TASK = "crbl"
+INPUT_NAMES = ["image"]
+OUTPUT_NAMES = ["probability"]
+
+
+class CRBLProbability(nn.Module):
+    """image in [0, 1] -> (probability,), exactly what crbl/infer.py computes per batch."""
+
+    def __init__(self, model: CRBL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.sigmoid(self.model(image).float())[:, 0],)
+
+
+def metadata(model_type: str, size: tuple[int, int], weights: Path) -> dict:
+    return {
+        "task": TASK, "model": model_type, "weights": Path(weights).name,
+        "inputs": "image: float32 (N,3,H,W) NCHW, RGB in [0,1], after crbl.data.preprocess "
+                  f"({'crop: part bounding box' if model_type == 'crop' else 'full: first 4 rows/columns dropped'}, "
+                  f"resized to {size[0]}x{size[1]})",
+        "outputs": "probability: float32 (N,) P(defect) = sigmoid(logit)",
+        "image_size": list(size), "input_range": [0.0, 1.0], "input_layout": "NCHW RGB",
+        "threshold": DEFAULT_THRESHOLDS[model_type],
+        "decision": f"defect if probability > threshold; combined crop+full: defect if crop > "
+                    f"{DEFAULT_THRESHOLDS['crop']} or full > {DEFAULT_THRESHOLDS['full']}",
+    }
+
+
+def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] | None = None) -> ExportSpec:
+    """The deployed graph of a training checkpoint or converted .pth; `model` is the model type
+    (crop/full), read from a training checkpoint, needed for a converted file."""
+    from crbl.infer import load_model  # infer imports this module
+
+    if model is not None and model not in MODEL_TYPES:
+        raise UserError(f"--model {model}: a CRBL model is one of {', '.join(MODEL_TYPES)}")
+    net, stored = load_model(weights, model, f"--model {model}")
+    model_type = model or stored
+    if model_type is None:
+        raise UserError(f"{weights}: converted weights do not say whether they are a crop or a full model: "
+                        f"give --model crop or --model full")
+    size = tuple(size or (INPUT_SIZE, INPUT_SIZE))
+
+    def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.rand(batch, 3, *size, generator=g),)
+
+    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES,
+                      metadata(model_type, size, weights), tolerance=1e-5)
