@@ -98,6 +98,11 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     if model is not None and model not in MODEL_NAMES:
         raise UserError(f"--model {model}: unknown battery_ct model; choose one of {', '.join(MODEL_NAMES)}")
     net, cfg, extra = load_model(Namespace(weights=weights, model=model, image_size=None), fuse=False)
+    return graph_spec(net, cfg, extra, size, weights)
+
+
+def graph_spec(net: nn.Module, cfg: dict, extra: dict, size: tuple[int, int] | None, weights: Path) -> ExportSpec:
+    """The export of a loaded model; cfg as battery_ct.infer.load_model returns it."""
     name = cfg["model"]
     if size is None:
         size = (SEGMENT_SIZE, SEGMENT_SIZE) if name == "deeplab_seg" else (cfg["image_size"],) * 2

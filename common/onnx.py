@@ -75,8 +75,9 @@ def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DE
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    data = model.SerializeToString()
+    onnx.checker.check_model(data, full_check=True)
+    return data
 
 
 def compare(data: bytes, spec: ExportSpec, batches: Sequence[int], seed: int = 0) -> dict[str, float]:
