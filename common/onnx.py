@@ -62,13 +62,18 @@ def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DE
     example = spec.make_inputs(batch, torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     axes = {n: {0: "batch"} for n in (*spec.input_names, *spec.output_names)} if dynamic_batch else None
-    with warnings.catch_warnings(), torch.no_grad():
-        # the tracer's notes about Python ints and the exporter's deprecation notice are expected here
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message="Constant folding")   # ONNX Runtime folds what is left
-        torch.onnx.export(module, example, buf, dynamo=False, opset_version=opset, input_names=spec.input_names,
-                          output_names=spec.output_names, dynamic_axes=axes, do_constant_folding=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # nn.MultiheadAttention's fused eval kernel has no ONNX form
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the tracer's notes about Python ints and the exporter's deprecation notice are expected here
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Constant folding")   # ONNX Runtime folds what is left
+            torch.onnx.export(module, example, buf, dynamo=False, opset_version=opset, input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=axes, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     model = onnx.load_from_string(buf.getvalue())
     meta = {"format_version": FORMAT_VERSION, "producer": "industrial-vision scripts/export_onnx.py",
             "torch_version": torch.__version__, **spec.metadata}
@@ -135,6 +140,9 @@ def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = 
                         f"onnxruntime-gpu")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # idle worker threads sleep instead of spinning: on a machine that runs other programs, spinning
+    # threads take the cores the working ones need (CRBL at batch 32 on two busy cores ran at half speed)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:

@@ -65,6 +65,16 @@ def load_model(weights: Path, expected_type: str | None, role: str) -> tuple[CRB
     return model.eval(), stored
 
 
+def cpu_streams() -> int:
+    """CPU inference: 2 streams (see CRBLProbability) with half the threads each, when there are
+    at least 2 threads."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 1
+    torch.set_num_threads(threads // 2)
+    return 2
+
+
 def load_onnx(path: Path, expected_type: str | None, role: str, providers, threads: int) -> tuple[OrtModel, str]:
     """(the exported graph, its model type); a file of another task or model type is refused."""
     sess = session(path, providers, threads)
@@ -130,9 +140,14 @@ def main(argv=None):
         def load(path, expected, role):
             return load_onnx(path, expected, role, args.providers, args.threads)
     else:
+        device = select_device(args.device)
+        streams = cpu_streams() if device.type == "cpu" else 1
+        if streams > 1:
+            print(f"CPU: {streams} streams (the two backbones at once) x {torch.get_num_threads()} thread(s)")
+
         def load(path, expected, role):
             model, stored = load_model(path, expected, role)
-            return CRBLProbability(model).eval(), stored
+            return CRBLProbability(model, streams).eval(), stored
     if args.combined:
         crop_m, _ = load(args.combined[0], "crop", "--combined CROP FULL (first)")
         full_m, _ = load(args.combined[1], "full", "--combined CROP FULL (second)")
@@ -142,7 +157,8 @@ def main(argv=None):
             raise UserError(f"{single}: converted weights do not say whether they are a crop or a full "
                             f"model: give --model-type")
         args.model_type = args.model_type or stored
-    device = torch.device("cpu") if ort else select_device(args.device)
+    if ort:
+        device = torch.device("cpu")
     if args.combined:
         p_crop = predict(crop_m if ort else crop_m.to(device), "crop", paths, device, args.batch_size)
         p_full = predict(full_m if ort else full_m.to(device), "full", paths, device, args.batch_size)

@@ -107,7 +107,7 @@ def bench_common(args, device: torch.device = torch.device("cpu")) -> list[dict]
 
 
 # ---------------------------------------------------------------- crbl
-CRBL_ENGINES = ("torch", "onnxruntime")
+CRBL_ENGINES = ("torch", "torch_one_stream", "onnxruntime")
 
 
 def crbl_worker(argv) -> None:
@@ -124,10 +124,11 @@ def crbl_worker(argv) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     x = torch.rand(a.batch_size, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
-    if a.engine == "torch":
+    if a.engine.startswith("torch"):
         from crbl.deploy import CRBLProbability
-        from crbl.infer import load_model
-        graph = CRBLProbability(load_model(a.weights, None, "bench")[0]).eval()
+        from crbl.infer import cpu_streams, load_model
+        streams = cpu_streams() if a.engine == "torch" else 1   # as crbl/infer.py sets it up
+        graph = CRBLProbability(load_model(a.weights, None, "bench")[0], streams).eval()
         run = torch.inference_mode()(lambda: graph(x))
     else:
         from common.onnx import OrtModel, session
@@ -181,11 +182,10 @@ def bench_crbl(args) -> list[dict]:
         worker = [sys.executable, str(REPO / "scripts" / "bench.py"), "_crbl_worker", "--weights", str(tmp / "crbl.pth"),
                   "--onnx", str(tmp / "crbl.onnx"), "--batch-size", str(bs), "--size", str(size),
                   "--threads", str(threads), "--repeats", str(args.repeats)]
-        sides = {"torch": lambda: _run_json(worker[:3] + ["torch"] + worker[3:]),
-                 "onnxruntime": lambda: _run_json(worker[:3] + ["onnxruntime"] + worker[3:]),
-                 "keras": lambda: _run_json(keras_cmd, keras_env)}
+        sides = {e: (lambda e=e: _run_json(worker[:3] + [e] + worker[3:])) for e in CRBL_ENGINES}
+        sides["keras"] = lambda: _run_json(keras_cmd, keras_env)
         for r in range(rounds):
-            order = ["torch", "onnxruntime", "keras"] if r % 2 == 0 else ["keras", "onnxruntime", "torch"]
+            order = [*CRBL_ENGINES, "keras"] if r % 2 == 0 else ["keras", *reversed(CRBL_ENGINES)]
             for side in order:
                 if side == "keras" and r == 0:
                     continue                            # round 1 of Keras ran above
@@ -193,9 +193,10 @@ def bench_crbl(args) -> list[dict]:
                 print(f"  round {r + 1}: {side} {results[side][-1]['img_s']:.1f} img/s", flush=True)
     med = {k: {m: statistics.median(v[m] for v in vals) for m in ("img_s", "img_per_cpu_s")}
            for k, vals in results.items()}
-    names = {"torch": "CRBL torch (crbl/infer.py default engine)", "onnxruntime": "CRBL ONNX Runtime CPU (exported)",
-             "keras": "CRBL Keras predict (tf_keras + efficientnet)"}
-    for side in ("torch", "onnxruntime", "keras"):
+    names = {"torch": "CRBL torch (crbl/infer.py default: two streams)",
+             "torch_one_stream": "CRBL torch (one stream, all threads per operator)",
+             "onnxruntime": "CRBL ONNX Runtime CPU (exported)", "keras": "CRBL Keras predict (tf_keras + efficientnet)"}
+    for side in (*CRBL_ENGINES, "keras"):
         rows.append({"model": names[side], "batch": bs, "size": size, "img_s": med[side]["img_s"],
                      "vs_keras_predict": med[side]["img_s"] / med["keras"]["img_s"],
                      "img_per_cpu_s": med[side]["img_per_cpu_s"],

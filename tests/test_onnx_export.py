@@ -186,6 +186,53 @@ def test_crbl_export_parity_and_metadata(crbl_files, capsys):
     assert "RGB in [0,1]" in meta["inputs"] and "P(defect)" in meta["outputs"]
 
 
+def test_crbl_export_head_is_the_original_math():
+    """The exported head (row blocks, sign as a clipped multiply) against the original's formula in
+    float64, with exact zeros and negative values in phi; the eager inference head too."""
+    from crbl.model import _bilinear_logits_export, _bilinear_logits_inference, bilinear_pool
+
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(3, 1280, 2, 3, generator=g)
+    f2 = torch.randn(3, 1280, 2, 3, generator=g)
+    f1[:, :7] = 0.0                                  # phi == 0 in whole rows
+    f2[0, 100:110] = 0.0
+    w = 1e-3 * torch.randn(1, 1280 * 1280, generator=g)
+    b = torch.tensor([0.25])
+    ref = F.linear(bilinear_pool(f1.double(), f2.double()), w.double(), b.double())
+    assert (bilinear_pool(f1, f2) == 0).any()
+    torch.testing.assert_close(_bilinear_logits_export(f1, f2, w, b).double(), ref, atol=2e-7, rtol=0)
+    torch.testing.assert_close(_bilinear_logits_inference(f1, f2, w, b).double(), ref, atol=2e-7, rtol=0)
+
+
+def test_crbl_two_streams_give_identical_outputs():
+    """crbl/infer.py's CPU default (backbones in two threads, head on two halves) = one stream, exactly."""
+    torch.manual_seed(3)
+    model = randomize_bn(CRBL(), 3)
+    x = torch.rand(3, 3, 128, 128)
+    with torch.inference_mode():
+        one = CRBLProbability(model)(x)[0]
+        for batch in (1, 2, 3):
+            assert torch.equal(CRBLProbability(model, streams=2)(x[:batch])[0], one[:batch])
+
+
+def test_multihead_attention_exports():
+    """The fused eval kernel of nn.MultiheadAttention has no ONNX form: export() turns it off (and back on)."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, t):
+            return (self.mha(t, t, t, need_weights=False)[0],)
+
+    spec = ExportSpec(Attention().eval(), lambda b, g: (torch.rand(b, 5, 16, generator=g),), ["tokens"], ["out"],
+                      {"task": "test", "model": "mha", "image_size": [5, 16]})
+    assert torch.backends.mha.get_fastpath_enabled()
+    data = export(spec, batch=2, dynamic_batch=True)
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert_parity(spec.module, data, (torch.rand(3, 5, 16),), ["out"])
+
+
 def test_efficientnet_exports_at_odd_non_square_size():
     """TF-SAME padding becomes constant (asymmetric) pads in the exported graph: odd and even sizes."""
     torch.manual_seed(0)
