@@ -110,8 +110,8 @@ def graph_spec(net: nn.Module, cfg: dict, extra: dict, size: tuple[int, int] | N
         raise UserError(f"--size {size[0]} {size[1]}: the autoencoder needs multiples of 16")
     inputs, outputs = names(name)
 
-    def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        image = torch.rand(batch, 3, *size, generator=g)
+    def make_inputs(batch: int, g: torch.Generator, hw=size) -> tuple[torch.Tensor, ...]:
+        image = torch.rand(batch, 3, *hw, generator=g)
         if name != "late_fusion":
             return (image,)
         meta = torch.stack([torch.randint(0, 2, (batch,), generator=g),
@@ -120,7 +120,10 @@ def graph_spec(net: nn.Module, cfg: dict, extra: dict, size: tuple[int, int] | N
 
     notes = []
     if name == "deeplab_seg":
-        notes.append(f"deeplab_seg runs on {size[0]}x{size[1]} windows: infer.py --engine onnxruntime --task segment "
-                     f"--window {size[0]} (square sizes only)")
+        notes.append(f"segment with: battery_ct/infer.py --onnx FILE --task segment --window {size[0]} (a model "
+                     f"exported with --dynamic-size also takes --crop whole and any --window)")
+    # any size traces except the autoencoder (its pooling matrices are built for one size)
+    spatial = () if name == "ae" else tuple(inputs[:1]) + (("logits",) if name == "deeplab_seg" else ())
     return ExportSpec(BatteryGraph(net, name, cfg["normalize"]).eval(), make_inputs, inputs, outputs,
-                      metadata(cfg, extra, tuple(size), weights), tolerance=1e-4, notes=notes)
+                      metadata(cfg, extra, tuple(size), weights), tolerance=1e-4, notes=notes, spatial=spatial,
+                      size_multiple=32 if name in ("convnext_tiny", "drn_aspp") else 8)

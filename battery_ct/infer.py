@@ -150,11 +150,14 @@ def load_onnx(args) -> tuple[OrtModel, dict, dict]:
         raise UserError(f"{args.onnx}: holds a {name} model, not --model {args.model}")
     graph = OrtModel(sess)
     h, w = graph.shape[1:3]
-    if not (isinstance(h, int) and h == w):
+    dynamic = not isinstance(h, int)            # exported with --dynamic-size
+    if dynamic:
+        h, w = json.loads(meta.get("image_size", "[512, 512]"))
+    if h != w:
         raise UserError(f"{args.onnx}: infer.py feeds square images, but the model takes {h}x{w} "
                         f"(export it with --size N N)")
     cfg = {"model": name, "image_size": h, "normalize": meta.get("normalization_in_graph"),
-           "num_classes": int(meta.get("num_classes", len(CLASS_NAMES))), "dropout": None}
+           "num_classes": int(meta.get("num_classes", len(CLASS_NAMES))), "dropout": None, "dynamic_size": dynamic}
     extra = {}
     if "threshold" in meta:
         extra = {"threshold": float(meta["threshold"]), "threshold_method": meta.get("threshold_method", "stored")}
@@ -401,10 +404,11 @@ def main_segment(args, graph, cfg, device):
     if cfg["model"] != "deeplab_seg":
         raise UserError(f"{source_file}: --task segment needs deeplab_seg weights "
                         f"(scripts/convert_deeplab.py --task segment), not {cfg['model']}")
-    if args.engine == "onnxruntime" and args.crop == "whole":
-        raise UserError(f"{args.onnx}: an exported model has a fixed input size ({cfg['image_size']}px): "
-                        f"use --crop slide --window {cfg['image_size']}")
-    if args.engine == "onnxruntime" and args.window != cfg["image_size"]:
+    fixed = args.engine == "onnxruntime" and not cfg.get("dynamic_size")
+    if fixed and args.crop == "whole":
+        raise UserError(f"{args.onnx}: the model was exported for {cfg['image_size']}px windows: use --crop slide "
+                        f"--window {cfg['image_size']}, or export it with --dynamic-size")
+    if fixed and args.window != cfg["image_size"]:
         raise UserError(f"--window {args.window}: {args.onnx} takes {cfg['image_size']}px windows: "
                         f"pass --window {cfg['image_size']} (or export it with --size {args.window} {args.window})")
     if args.stride > args.window:

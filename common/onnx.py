@@ -45,23 +45,35 @@ def require_onnxruntime():
 class ExportSpec:
     """What a task's deploy.export_spec() hands to scripts/export_onnx.py."""
     module: nn.Module                               # the deployed graph, eval mode: tensors -> tuple of tensors
-    make_inputs: Callable[[int, torch.Generator], tuple]   # (batch, generator) -> input tensors at the export size
+    make_inputs: Callable[..., tuple]               # (batch, generator[, (h, w)]) -> inputs, default: the export size
     input_names: list[str]
     output_names: list[str]
     metadata: dict
     tolerance: float = 1e-4                         # max |ONNX Runtime - PyTorch| / max(1, max |PyTorch|)
     notes: list[str] = field(default_factory=list)  # printed after the export
+    # inputs/outputs whose dims 2, 3 are height and width when the graph takes any size (--dynamic-size);
+    # empty: the graph is traced for one size only
+    spatial: tuple[str, ...] = ()
+    size_multiple: int = 1                          # with --dynamic-size: H and W must be multiples of this
 
 
 # ---------------------------------------------------------------- export
-def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DEFAULT_OPSET) -> bytes:
+def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DEFAULT_OPSET,
+           dynamic_size: bool = False) -> bytes:
     """The serialized ONNX model, checked by onnx.checker, with the spec's metadata."""
     import onnx
 
+    if dynamic_size and not spec.spatial:
+        raise UserError(f"--dynamic-size: the {spec.metadata.get('task')} {spec.metadata.get('model')} graph is "
+                        f"exported for one input size only; give --size H W")
     module = spec.module.eval()   # the exporter restores the mode it found, recursively: never a wrapper in train mode
     example = spec.make_inputs(batch, torch.Generator().manual_seed(0))
     buf = io.BytesIO()
-    axes = {n: {0: "batch"} for n in (*spec.input_names, *spec.output_names)} if dynamic_batch else None
+    axes = {n: {0: "batch"} if dynamic_batch else {} for n in (*spec.input_names, *spec.output_names)}
+    if dynamic_size:
+        for n in spec.spatial:
+            axes[n].update({2: "height", 3: "width"})
+    axes = {n: a for n, a in axes.items() if a} or None
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)   # nn.MultiheadAttention's fused eval kernel has no ONNX form
     try:
@@ -85,16 +97,18 @@ def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DE
     return data
 
 
-def compare(data: bytes, spec: ExportSpec, batches: Sequence[int], seed: int = 0) -> dict[str, float]:
+def compare(data: bytes, spec: ExportSpec, batches: Sequence[int], seed: int = 0,
+            sizes: Sequence[tuple[int, int] | None] = (None,)) -> dict[str, float]:
     """Run the file on the ONNX Runtime CPU provider and the module in PyTorch on random inputs of
-    each batch size; {output name: max |difference| / max(1, max |PyTorch output|)} over all of them.
-    An integer output (a predicted class) counts as 1.0 where any element disagrees."""
+    each batch size (and each input size; None: the export size); {output name: max |difference| /
+    max(1, max |PyTorch output|)} over all of them. An integer output (a predicted class) counts as
+    1.0 where any element disagrees."""
     sess = session(data, ["CPUExecutionProvider"], verbose=False, name="exported model")
     ort_model = OrtModel(sess)
     g = torch.Generator().manual_seed(seed)
     worst = dict.fromkeys(spec.output_names, 0.0)
-    for batch in batches:
-        inputs = spec.make_inputs(batch, g)
+    for batch, size in ((b, s) for s in sizes for b in batches):
+        inputs = spec.make_inputs(batch, g) if size is None else spec.make_inputs(batch, g, size)
         with torch.inference_mode():
             ref = spec.module(*inputs)
         got = ort_model(*inputs)

@@ -301,6 +301,7 @@ def bench_onnx(args) -> list[dict]:
     from battery_ct.train import normalization
     from common.onnx import OrtModel, export, session
     from crbl.deploy import CRBLProbability, export_spec as crbl_spec
+    from crbl.infer import cpu_streams
     from crbl.model import CRBL
 
     threads = torch.get_num_threads()
@@ -313,10 +314,11 @@ def bench_onnx(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, bs, size in cases:
+            torch.set_num_threads(threads)
             if name == "crbl_crop":
                 torch.save(CRBL().state_dict(), Path(tmp) / "crbl.pth")
                 spec = crbl_spec(Path(tmp) / "crbl.pth", "crop", (size, size))
-                graph = spec.module
+                graph = CRBLProbability(spec.module.model, cpu_streams()).eval()   # as crbl/infer.py runs it
             else:
                 model = build_model(name).eval()
                 cfg = {"model": name, "num_classes": 4 if name == "deeplab_seg" else 5, "image_size": size,
@@ -344,6 +346,7 @@ def bench_onnx(args) -> list[dict]:
                          "ort_vs_torch": tt / to, "max_abs_diff": diff})
             print(f"  {name} b{bs} {size}: torch {bs / tt:.3g} img/s, onnxruntime {bs / to:.3g} img/s "
                   f"({tt / to:.2f}x), max |diff| {diff:.1e}", flush=True)
+    torch.set_num_threads(threads)
     report(rows, f"ONNX Runtime CPU vs PyTorch CPU, {threads} threads")
     return rows
 

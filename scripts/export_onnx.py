@@ -40,6 +40,9 @@ def parse_args(argv=None):
                         "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed, --batch-size)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="the fixed batch size without --dynamic-batch")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="any input height and width (battery_ct deeplab_seg and the classifiers; not crbl or ae, "
+                        "whose graphs hold size-dependent constants)")
     p.add_argument("--opset", type=int_range(13, MAX_OPSET), default=DEFAULT_OPSET)
     p.add_argument("--tolerance", type=float_range(0, 1, lo_open=True), default=None,
                    help="refuse to write if max |ONNX Runtime - PyTorch| / max(1, max |PyTorch|) exceeds this "
@@ -58,15 +61,20 @@ def main(argv=None):
     tolerance = args.tolerance or spec.tolerance
     batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
     t0 = time.perf_counter()
-    data = export(spec, batch=batch, dynamic_batch=args.dynamic_batch, opset=args.opset)
+    data = export(spec, batch=batch, dynamic_batch=args.dynamic_batch, opset=args.opset, dynamic_size=args.dynamic_size)
+    h, w = spec.metadata["image_size"]
     print(f"exported {args.task} {spec.metadata['model']} (opset {args.opset}, "
           f"{'dynamic batch' if args.dynamic_batch else f'batch {args.batch_size}'}, "
-          f"input {'x'.join(map(str, spec.metadata['image_size']))}) in {time.perf_counter() - t0:.1f} s; "
+          f"input {'any size, traced at ' if args.dynamic_size else ''}{h}x{w}) in {time.perf_counter() - t0:.1f} s; "
           f"onnx.checker: ok")
     batches = (1, 3) if args.dynamic_batch else (args.batch_size,)
-    worst = compare(data, spec, batches)
+    step = max(spec.size_multiple, 16)          # a second, non-square size for a --dynamic-size graph
+    sizes = (None, (h + 2 * step, w - step if w > step else w + step)) if args.dynamic_size else (None,)
+    worst = compare(data, spec, batches, sizes=sizes)
+    shown = " and ".join(f"{s[0]}x{s[1]}" for s in sizes[1:])
     for name, d in worst.items():
-        print(f"  {name}: max |ONNX Runtime - PyTorch| {d:.2e} (batch {', '.join(map(str, batches))})")
+        print(f"  {name}: max |ONNX Runtime - PyTorch| {d:.2e} (batch {', '.join(map(str, batches))}"
+              f"{'; also at ' + shown if shown else ''})")
     bad = {n: d for n, d in worst.items() if d > tolerance}
     if bad:
         raise UserError(f"{out}: not written: ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "

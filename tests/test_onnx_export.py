@@ -324,14 +324,15 @@ def test_crbl_infer_refuses_wrong_files(crbl_files, crbl_images, scratch, capsys
 # ---------------------------------------------------------------- battery_ct through the CLIs
 @pytest.fixture(scope="module")
 def battery_files(scratch):
-    """hdcnn and deeplab_seg as converted state_dicts, exported by the CLI at 64x64."""
+    """hdcnn and deeplab_seg as converted state_dicts, exported by the CLI at 64x64 (deeplab_seg
+    with --dynamic-size: the CLI also compares at 96x48)."""
     files = {}
     for name in ("hdcnn", "deeplab_seg"):
         weights = scratch / f"{name}.pth"
         torch.save(battery_net(name).state_dict(), weights)
         out = scratch / f"{name}.onnx"
         export_main(["--task", "battery_ct", "--weights", str(weights), "--model", name, "--size", "64", "64",
-                     "--out", str(out), "--dynamic-batch"])
+                     "--out", str(out), "--dynamic-batch"] + (["--dynamic-size"] if name == "deeplab_seg" else []))
         files[name] = (weights, out)
     return files
 
@@ -343,6 +344,8 @@ def test_cli_exports_with_parity(battery_files, name):
     graph = BatteryGraph(net, name, normalization(name)).eval()
     for batch in (1, 3):
         assert_parity(graph, path, battery_inputs(name, batch, size=(64, 64), seed=batch), names(name)[1])
+    if name == "deeplab_seg":                       # --dynamic-size: any height and width
+        assert_parity(graph, path, battery_inputs(name, 2, size=(40, 72)), names(name)[1])
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["model"] == name and json.loads(meta["image_size"]) == [64, 64]
 
@@ -376,17 +379,16 @@ def test_battery_segment_engines_agree(battery_files, scratch):
     images.mkdir(exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(images / "a.png")
     Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(images / "b.png")   # smaller than a window
-    common = ["--task", "segment", "--crop", "slide", "--window", "64", "--stride", "48", "--images", images,
-              "--threads", "1"]
-    call(battery_infer, "--weights", weights, "--model", "deeplab_seg", "--out", scratch / "seg_torch", *common)
-    call(battery_infer, "--onnx", path, "--out", scratch / "seg_ort", *common)
-    for stem in ("a", "b"):
-        ma = np.asarray(Image.open(scratch / "seg_torch" / f"{stem}_mask.png"))
-        mb = np.asarray(Image.open(scratch / "seg_ort" / f"{stem}_mask.png"))
-        assert ma.shape == mb.shape and (ma == mb).mean() > 0.999   # argmax of logits equal within 1e-4
-    with pytest.raises(UserError, match="takes 64px windows: pass --window 64"):
-        call(battery_infer, "--onnx", path, "--out", scratch / "seg_x", "--task", "segment", "--window", "96",
-             "--images", images)
+    for crop in (["--crop", "slide", "--window", "64", "--stride", "48"], ["--crop", "whole"]):
+        common = ["--task", "segment", *crop, "--images", images, "--threads", "1", "--overwrite"]
+        call(battery_infer, "--weights", weights, "--model", "deeplab_seg", "--out", scratch / "seg_torch", *common)
+        call(battery_infer, "--onnx", path, "--out", scratch / "seg_ort", *common)
+        for stem in ("a", "b"):
+            ma = np.asarray(Image.open(scratch / "seg_torch" / f"{stem}_mask.png"))
+            mb = np.asarray(Image.open(scratch / "seg_ort" / f"{stem}_mask.png"))
+            assert ma.shape == mb.shape and (ma == mb).mean() > 0.999   # argmax of logits equal within 1e-4
+        assert read_rows(scratch / "seg_torch" / "segments.csv")[0].keys() == \
+            read_rows(scratch / "seg_ort" / "segments.csv")[0].keys()
 
 
 def test_battery_infer_refuses_a_crbl_model(crbl_files, battery_files, scratch):
@@ -411,6 +413,9 @@ def test_export_refuses_beyond_tolerance_and_writes_nothing(crbl_files, battery_
         export_main(["--task", "crbl", "--weights", str(weights), "--out", str(battery_files["hdcnn"][1])])
     with pytest.raises(UserError, match="crop or a full model"):
         export_main(["--task", "crbl", "--weights", str(scratch / "crbl.pth"), "--out", str(out)])
+    with pytest.raises(UserError, match="exported for one input size only"):   # TF-SAME pads are constants
+        export_main(["--task", "crbl", "--weights", str(scratch / "crbl.pth"), "--model", "crop", "--out", str(out),
+                     "--dynamic-size"])
     with pytest.raises(SystemExit):
         export_main(["--task", "battery_ct", "--weights", str(weights), "--out", str(out), "--opset", "9"])
 
