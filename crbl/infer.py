@@ -149,8 +149,8 @@ def main(argv=None):
             model, stored = load_model(path, expected, role)
             return CRBLProbability(model, streams).eval(), stored
     if args.combined:
-        crop_m, _ = load(args.combined[0], "crop", "--combined CROP FULL (first)")
-        full_m, _ = load(args.combined[1], "full", "--combined CROP FULL (second)")
+        crop_m, _ = load(args.combined[0], "crop", "--combined CROP_WEIGHTS FULL_WEIGHTS (first)")
+        full_m, _ = load(args.combined[1], "full", "--combined CROP_WEIGHTS FULL_WEIGHTS (second)")
     else:
         model, stored = load(single, args.model_type, f"--model-type {args.model_type}")
         if stored is None and args.model_type is None:

@@ -379,8 +379,9 @@ def _bilinear_logits_export(f1: torch.Tensor, f2: torch.Tensor, weight: torch.Te
     out=, float64 or copysign), still in row blocks so that ONNX Runtime never holds a
     (B, 1,638,400) tensor.  sign(phi) is Clip(phi * 2^127, -1, 1): exact for +-0 and every normal
     float32 (a subnormal phi, which TensorFlow flushes to zero, gives |sign| < 1 on a term below
-    1e-6); ONNX Runtime's Sign and Where kernels are several times slower than a multiply.  1/(H*W) scales the small operand (exact for the power-of-two H*W of 128x128
-    inputs, one rounding otherwise)."""
+    1e-6); ONNX Runtime's Sign and Where kernels are several times slower than a multiply.
+    1/(H*W) scales the small operand (exact for the power-of-two H*W of 128x128 inputs, one
+    rounding otherwise)."""
     B, C1, H, W = f1.shape
     C2 = f2.shape[1]
     a = f1.reshape(B, C1, H * W) / (H * W)
