@@ -6,6 +6,7 @@
   python battery_ct/infer.py --weights best.pt --images scans/ one.jpg --out preds/     # predictions only
   python battery_ct/infer.py --weights converted.pth --model resnet18 --image-size 512 --split test.txt
   python battery_ct/infer.py --weights seg.pth --task segment --crop slide --images scans/ --out masks/
+  python battery_ct/infer.py --engine onnxruntime --onnx hdcnn.onnx --split test.txt     # scripts/export_onnx.py
 
 With labels (a split file) it writes metrics.json (accuracy, macro/weighted F1, per-class
 precision/recall/F1/support, confusion matrix, one-vs-rest ROC-AUC, normal-vs-defect summary),
@@ -18,6 +19,8 @@ threshold stored in the checkpoint by train.py (Youden's J on val), or --thresho
 ImageNet-normalised RGB images at their own size: --crop slide averages the logits of --window px
 windows every --stride px (images smaller than a window are padded with black), --crop whole runs
 the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image.
+--engine onnxruntime --onnx FILE runs an exported model (the same graph, battery_ct/deploy.py, with
+the same outputs and files); its size, model and threshold come from the file.
 """
 from __future__ import annotations
 
@@ -35,11 +38,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from battery_ct.data import (BUILTIN_VERSION, IMAGENET_MEAN, IMAGENET_STD, SplitDataset, class_counts,
-                             make_builtin_dataset, read_split)
-from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score, build_model,
+from battery_ct.data import BUILTIN_VERSION, SplitDataset, class_counts, make_builtin_dataset, read_split
+from battery_ct.deploy import BatteryGraph
+from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, build_model,
                               fuse_for_inference)
-from battery_ct.train import TASK, classify, normalization
+from battery_ct.train import TASK, normalization
 from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, float_range, int_range)
 from common.data import ensure_builtin, list_images
@@ -47,6 +50,7 @@ from common.device import select_device
 from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
                        load_untrusted, load_weights_into, make_output_dir, run_cli, save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
+from common.onnx import OrtModel, add_engine_args, check_task, session
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.uint8)
@@ -54,7 +58,7 @@ PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a plain state_dict")
+    p.add_argument("--weights", type=Path, help="best.pt / last.pt, or a plain state_dict (PyTorch engine)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", type=Path, help="labelled split file (path<TAB>label)")
     src.add_argument("--data", type=Path, help="folder with test.txt")
@@ -73,15 +77,30 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--workers", type=NONNEG_INT, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)
-    return p.parse_args(argv)
+    add_engine_args(p, default_engine=None)
+    args = p.parse_args(argv)
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    if args.engine == "onnxruntime":
+        if args.onnx is None or args.weights is not None:
+            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
+                    "not --weights")
+        if args.image_size is not None:
+            p.error("--image-size: an ONNX model has its own input size (export another with --size)")
+    elif args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    elif args.weights is None:
+        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    return args
 
 
 # ---------------------------------------------------------------- model
-def load_model(args) -> tuple[torch.nn.Module, dict, dict]:
-    """(model in eval mode on CPU, config, extra) from a training checkpoint or a plain state_dict."""
+def load_model(args, fuse: bool = True) -> tuple[torch.nn.Module, dict, dict]:
+    """(model in eval mode on CPU, config, extra) from a training checkpoint or a plain state_dict.
+    `fuse`: the DRN-D-54 models with BN folded into the convolutions (fuse_for_inference)."""
     path = args.weights
     obj = load_untrusted(path)
     if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
@@ -115,9 +134,34 @@ def load_model(args) -> tuple[torch.nn.Module, dict, dict]:
         extra = {}
         model = build_model(name, num_classes=None if name == "ae" else n)
         load_weights_into(model, path)
-    if name in ("deeplabv3", "deeplab_seg"):  # the heavy DRN-D-54 models: BN folded, channels_last
+    if fuse and name in ("deeplabv3", "deeplab_seg"):  # the heavy DRN-D-54 models: BN folded, channels_last
         model = fuse_for_inference(model)
     return model.eval(), cfg, extra
+
+
+def load_onnx(args) -> tuple[OrtModel, dict, dict]:
+    """(the exported graph, config, extra) from an exported file; a file of another task or model is refused."""
+    sess = session(args.onnx, args.providers, args.threads)
+    meta = check_task(sess, args.onnx, TASK, "--model NAME")
+    name = meta.get("model")
+    if name not in MODEL_NAMES:
+        raise UserError(f"{args.onnx}: its metadata names no battery_ct model (model={name!r})")
+    if args.model is not None and args.model != name:
+        raise UserError(f"{args.onnx}: holds a {name} model, not --model {args.model}")
+    graph = OrtModel(sess)
+    h, w = graph.shape[1:3]
+    dynamic = not isinstance(h, int)            # exported with --dynamic-size
+    if dynamic:
+        h, w = json.loads(meta.get("image_size", "[512, 512]"))
+    if h != w:
+        raise UserError(f"{args.onnx}: infer.py feeds square images, but the model takes {h}x{w} "
+                        f"(export it with --size N N)")
+    cfg = {"model": name, "image_size": h, "normalize": meta.get("normalization_in_graph"),
+           "num_classes": int(meta.get("num_classes", len(CLASS_NAMES))), "dropout": None, "dynamic_size": dynamic}
+    extra = {}
+    if "threshold" in meta:
+        extra = {"threshold": float(meta["threshold"]), "threshold_method": meta.get("threshold_method", "stored")}
+    return graph, cfg, extra
 
 
 # ---------------------------------------------------------------- inputs
@@ -138,22 +182,20 @@ def resolve_inputs(args) -> tuple[list[tuple[Path, int]], bool, str]:
 
 # ---------------------------------------------------------------- classification / anomaly
 @torch.inference_mode()
-def run_classifier(model, cfg, items, device, batch_size, workers):
-    """probs (N,C), preds (N,), coarse probs or None; ae: scores (N,) as probs, preds None."""
+def run_classifier(graph, cfg, items, device, batch_size, workers):
+    """probs (N,C), preds (N,), coarse probs or None; ae: scores (N,) as probs, preds None.
+    `graph` is the deployed graph (BatteryGraph, or its exported OrtModel): images in [0, 1] in."""
     name = cfg["model"]
-    ds = SplitDataset(items, cfg["image_size"], with_meta=name == "late_fusion", normalize=cfg["normalize"])
+    ds = SplitDataset(items, cfg["image_size"], with_meta=name == "late_fusion", normalize="none")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     probs, preds, coarse = [], [], []
     for x, meta, _ in tqdm(loader, desc=name, leave=False, disable=len(loader) <= 1):
-        x, meta = x.to(device), meta.to(device)
-        if name == "ae":
-            probs.append(anomaly_score(x, model(x)[0]).cpu())
-            continue
-        p, pred, c = classify(model, name, x, meta)
-        probs.append(p.cpu())
-        preds.append(pred.cpu())
-        if c is not None:
-            coarse.append(c.cpu())
+        out = graph(x.to(device), meta.to(device)) if name == "late_fusion" else graph(x.to(device))
+        probs.append(out[0].cpu())
+        if name != "ae":
+            preds.append(out[1].cpu())
+        if len(out) > 2:
+            coarse.append(out[2].cpu())
     return torch.cat(probs), (torch.cat(preds) if preds else None), (torch.cat(coarse) if coarse else None)
 
 
@@ -264,7 +306,7 @@ def main_classify(args, model, cfg, extra, device):
             threshold = float(extra["threshold"])
             thr_source = f"checkpoint ({extra.get('threshold_method', 'stored')})"
         else:
-            raise UserError(f"{args.weights}: no anomaly threshold stored (train.py writes it into best.pt); "
+            raise UserError(f"{args.weights or args.onnx}: no anomaly threshold stored (train.py writes it into best.pt); "
                             f"pass --threshold")
     if cfg["image_size"] < 32 or (name == "ae" and cfg["image_size"] % 16):
         raise UserError(f"image size {cfg['image_size']} does not suit {name}")
@@ -293,14 +335,14 @@ def main_classify(args, model, cfg, extra, device):
     write_csv(out / "predictions.csv", header, rows)
     if labelled:
         if name == "ae":
-            rep = ae_report(cfg, items, probs, threshold, thr_source, source, args.weights)
+            rep = ae_report(cfg, items, probs, threshold, thr_source, source, args.weights or args.onnx)
             cm_names = ["normal", "defect"]
             auc = rep["metrics"]["roc_auc"]
             print(f"ROC-AUC {auc:.4f}, accuracy {rep['metrics']['accuracy']:.4f}, defect F1 "
                   f"{rep['metrics']['defect_f1']:.4f} on {len(items)} images ({rep['n_normal']} normal / "
                   f"{rep['n_defect']} defect)")
         else:
-            rep = classifier_report(cfg, items, probs, preds, coarse, source, args.weights)
+            rep = classifier_report(cfg, items, probs, preds, coarse, source, args.weights or args.onnx)
             cm_names = rep["class_names"]
             m = rep["metrics"]
             print(f"accuracy {m['accuracy']:.4f}, F1 macro {m['f1_macro']:.4f}, weighted {m['f1_weighted']:.4f}, "
@@ -357,10 +399,18 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
-def main_segment(args, model, cfg, device):
+def main_segment(args, graph, cfg, device):
+    source_file = args.weights or args.onnx
     if cfg["model"] != "deeplab_seg":
-        raise UserError(f"{args.weights}: --task segment needs deeplab_seg weights "
+        raise UserError(f"{source_file}: --task segment needs deeplab_seg weights "
                         f"(scripts/convert_deeplab.py --task segment), not {cfg['model']}")
+    fixed = args.engine == "onnxruntime" and not cfg.get("dynamic_size")
+    if fixed and args.crop == "whole":
+        raise UserError(f"{args.onnx}: the model was exported for {cfg['image_size']}px windows: use --crop slide "
+                        f"--window {cfg['image_size']}, or export it with --dynamic-size")
+    if fixed and args.window != cfg["image_size"]:
+        raise UserError(f"--window {args.window}: {args.onnx} takes {cfg['image_size']}px windows: "
+                        f"pass --window {cfg['image_size']} (or export it with --size {args.window} {args.window})")
     if args.stride > args.window:
         raise UserError(f"--stride {args.stride} must not exceed --window {args.window} (pixels would be skipped)")
     items, _, source = resolve_inputs(args)
@@ -371,18 +421,17 @@ def main_segment(args, model, cfg, device):
         stems = [f"{i:05d}_{s}" for i, s in enumerate(stems)]
     files = [f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay")] + ["segments.csv"]
     check_output_dir(out, files, args.overwrite)
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    pad = (0.0 - mean) / std  # black, normalised
+    pad = torch.zeros(3)  # black (the graph normalises)
     n = cfg["num_classes"]
     rows = []
     make_output_dir(out)
     for path, stem in tqdm(list(zip(paths, stems)), desc="segment", leave=False, disable=len(paths) <= 1):
         im = load_image(path, "RGB")
         rgb = np.asarray(im)
-        x = ((image_to_tensor(im) - mean.view(3, 1, 1)) / std.view(3, 1, 1)).unsqueeze(0).to(device)
+        x = image_to_tensor(im).unsqueeze(0).to(device)
         with torch.inference_mode():
-            logits = model(x) if args.crop == "whole" else \
-                sliding_logits(model, x, args.window, args.stride, pad.to(device), args.batch_size)
+            logits = graph(x)[0] if args.crop == "whole" else \
+                sliding_logits(lambda b: graph(b)[0], x, args.window, args.stride, pad.to(device), args.batch_size)
         mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         save_image(out / f"{stem}_mask.png", mask)
         save_image(out / f"{stem}_overlay.png", overlay(rgb, mask))
@@ -398,15 +447,19 @@ def main_segment(args, model, cfg, device):
 def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args)
-    model, cfg, extra = load_model(args)
+    if args.engine == "onnxruntime":
+        graph, cfg, extra = load_onnx(args)
+        device = torch.device("cpu")     # ONNX Runtime takes and returns host memory; the provider picks the device
+    else:
+        model, cfg, extra = load_model(args)
+        device = select_device(args.device)
+        graph = BatteryGraph(model, cfg["model"], cfg["normalize"]).to(device).eval()
     task = args.task or ("segment" if cfg["model"] == "deeplab_seg" else "classify")
     if task == "classify" and cfg["model"] == "deeplab_seg":
-        raise UserError(f"{args.weights}: deeplab_seg is a segmentation model: use --task segment")
-    device = select_device(args.device)
-    model.to(device)
+        raise UserError(f"{args.weights or args.onnx}: deeplab_seg is a segmentation model: use --task segment")
     if task == "segment":
-        return main_segment(args, model, cfg, device)
-    return main_classify(args, model, cfg, extra, device)
+        return main_segment(args, graph, cfg, device)
+    return main_classify(args, graph, cfg, extra, device)
 
 
 if __name__ == "__main__":

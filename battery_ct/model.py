@@ -725,13 +725,27 @@ class ConvAutoEncoder(FreezableModel):
         return self.encoder(x)
 
     def forward_head(self, features):
-        z = F.relu(self.fc_enc(torch.flatten(self.pool(features), 1)))
+        pooled = _adaptive_avg_pool_export(features, 4) if torch.onnx.is_in_onnx_export() else self.pool(features)
+        z = F.relu(self.fc_enc(torch.flatten(pooled, 1)))
         d = F.relu(self.fc_dec(z)).view(-1, 512, 4, 4)
         d = F.interpolate(d, size=features.shape[-2:], mode="bilinear", align_corners=False)
         return self.decoder(d), z
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def _adaptive_avg_pool_export(x: torch.Tensor, size: int) -> torch.Tensor:
+    """F.adaptive_avg_pool2d(x, size) for ONNX export, where the input size is fixed: two products
+    with constant averaging matrices. (The exporter maps adaptive pooling to AveragePool, which
+    cannot express the unequal bins of, e.g., 6 -> 4; bin i covers [floor(i*n/m), ceil((i+1)*n/m)).)"""
+    def bins(n: int) -> torch.Tensor:
+        m = torch.zeros(size, n, dtype=x.dtype)
+        for i in range(size):
+            lo, hi = i * n // size, -(-(i + 1) * n // size)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+    return bins(int(x.shape[-2])) @ x @ bins(int(x.shape[-1])).T
 
 
 def anomaly_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

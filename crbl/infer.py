@@ -3,10 +3,13 @@
   python crbl/infer.py --model-type crop --weights best.pt images/ more.png
   python crbl/infer.py --model-type full --weights converted_full.pth labels.csv
   python crbl/infer.py --combined CROP.pt FULL.pt images/      # defect if crop > 0.01 or full > 0.5
+  python crbl/infer.py --engine onnxruntime --onnx crbl_crop.onnx images/     # scripts/export_onnx.py
+  python crbl/infer.py --engine onnxruntime --combined crop.onnx full.onnx --providers DmlExecutionProvider,CPUExecutionProvider images/
 
 Inputs are image files, folders (every .png/.jpg/.bmp/.tif inside), or CSVs with an image_path
 column (relative to the CSV). When a CSV also has `impurity`, accuracy / F1 / ROC-AUC are printed.
---weights takes a training checkpoint (best.pt / last.pt) or a converted state_dict.
+--weights takes a training checkpoint (best.pt / last.pt) or a converted state_dict. Both engines
+run the same graph (crbl/deploy.py) and write the same CSV.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from common.data import list_images
 from common.device import select_device
 from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
+from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
+from crbl.deploy import TASK, CRBLProbability
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
 PROBABILITY = float_range(0, 1, lo_open=True)
@@ -60,13 +65,36 @@ def load_model(weights: Path, expected_type: str | None, role: str) -> tuple[CRB
     return model.eval(), stored
 
 
+def cpu_streams() -> int:
+    """CPU inference: 2 streams (see CRBLProbability) with half the threads each, when there are
+    at least 2 threads."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 1
+    torch.set_num_threads(threads // 2)
+    return 2
+
+
+def load_onnx(path: Path, expected_type: str | None, role: str, providers, threads: int) -> tuple[OrtModel, str]:
+    """(the exported graph, its model type); a file of another task or model type is refused."""
+    sess = session(path, providers, threads)
+    meta = check_task(sess, path, TASK, "--model crop|full")
+    stored = meta.get("model")
+    if stored not in MODEL_TYPES:
+        raise UserError(f"{path}: its metadata names no CRBL model type (model={stored!r})")
+    if expected_type is not None and stored != expected_type:
+        raise UserError(f"{path}: holds a {stored} model, but {role} expects a {expected_type} model")
+    return OrtModel(sess), stored
+
+
 @torch.inference_mode()
-def predict(model: CRBL, model_type: str, paths: list[Path], device: torch.device, batch_size: int) -> torch.Tensor:
+def predict(graph, model_type: str, paths: list[Path], device: torch.device, batch_size: int) -> torch.Tensor:
+    """P(defect) per image; `graph` is CRBLProbability (PyTorch) or its exported OrtModel."""
     probs = []
     for i in tqdm(range(0, len(paths), batch_size), desc=f"{model_type} model", leave=False,
                   disable=len(paths) <= batch_size):
         x = torch.stack([preprocess(p, model_type) for p in paths[i:i + batch_size]]).to(device)
-        probs.append(torch.sigmoid(model(x).float()).squeeze(1).cpu())
+        probs.append(graph(x)[0].cpu())
     return torch.cat(probs)
 
 
@@ -83,33 +111,57 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="CSV to write (default runs/crbl/predictions-<time>.csv)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)
+    add_engine_args(p, default_engine=None)
     args = p.parse_args(argv)
-    if args.combined is None and args.weights is None:
-        p.error("give --weights (and --model-type for a converted file), or --combined CROP_WEIGHTS FULL_WEIGHTS")
-    if args.combined is not None and (args.weights is not None or args.threshold is not None
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    ort = args.engine == "onnxruntime"
+    single = args.onnx if ort else args.weights
+    if ort and args.weights is not None:
+        p.error("--engine onnxruntime runs an exported model: give --onnx FILE (or --combined CROP.onnx FULL.onnx), "
+                "not --weights")
+    if not ort and args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    if args.combined is None and single is None:
+        p.error("give --onnx FILE (or --combined CROP.onnx FULL.onnx)" if ort else
+                "give --weights (and --model-type for a converted file), or --combined CROP_WEIGHTS FULL_WEIGHTS")
+    if args.combined is not None and (single is not None or args.threshold is not None
                                       or args.model_type is not None):
-        p.error("--combined takes its own two weight files and --crop-threshold / --full-threshold")
+        p.error("--combined takes its own two model files and --crop-threshold / --full-threshold")
     apply_runtime_args(args)
     out = check_output_file(args.out or Path("runs") / "crbl" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv",
                             args.overwrite)
 
     paths, labels = collect_inputs(args.inputs)
-    if args.combined:
-        crop_m, _ = load_model(args.combined[0], "crop", "--combined CROP_WEIGHTS FULL_WEIGHTS (first)")
-        full_m, _ = load_model(args.combined[1], "full", "--combined CROP_WEIGHTS FULL_WEIGHTS (second)")
+    if ort:
+        def load(path, expected, role):
+            return load_onnx(path, expected, role, args.providers, args.threads)
     else:
-        model, stored = load_model(args.weights, args.model_type, f"--model-type {args.model_type}")
+        device = select_device(args.device)
+        streams = cpu_streams() if device.type == "cpu" else 1
+        if streams > 1:
+            print(f"CPU: {streams} streams (the two backbones at once) x {torch.get_num_threads()} thread(s)")
+
+        def load(path, expected, role):
+            model, stored = load_model(path, expected, role)
+            return CRBLProbability(model, streams).eval(), stored
+    if args.combined:
+        crop_m, _ = load(args.combined[0], "crop", "--combined CROP_WEIGHTS FULL_WEIGHTS (first)")
+        full_m, _ = load(args.combined[1], "full", "--combined CROP_WEIGHTS FULL_WEIGHTS (second)")
+    else:
+        model, stored = load(single, args.model_type, f"--model-type {args.model_type}")
         if stored is None and args.model_type is None:
-            raise UserError(f"{args.weights}: converted weights do not say whether they are a crop or a full "
+            raise UserError(f"{single}: converted weights do not say whether they are a crop or a full "
                             f"model: give --model-type")
         args.model_type = args.model_type or stored
-    device = select_device(args.device)
+    if ort:
+        device = torch.device("cpu")
     if args.combined:
-        p_crop = predict(crop_m.to(device), "crop", paths, device, args.batch_size)
-        p_full = predict(full_m.to(device), "full", paths, device, args.batch_size)
+        p_crop = predict(crop_m if ort else crop_m.to(device), "crop", paths, device, args.batch_size)
+        p_full = predict(full_m if ort else full_m.to(device), "full", paths, device, args.batch_size)
         flags = (p_crop > args.crop_threshold) | (p_full > args.full_threshold)
         header = ["path", "prob_crop", "prob_full", "decision"]
         rows = [[str(q), f"{a:.6g}", f"{b:.6g}", "defect" if f else "normal"]
@@ -117,7 +169,7 @@ def main(argv=None):
         score = torch.maximum(p_crop / args.crop_threshold, p_full / args.full_threshold)
     else:
         threshold = DEFAULT_THRESHOLDS[args.model_type] if args.threshold is None else args.threshold
-        prob = predict(model.to(device), args.model_type, paths, device, args.batch_size)
+        prob = predict(model if ort else model.to(device), args.model_type, paths, device, args.batch_size)
         flags = prob > threshold
         header = ["path", "probability", "decision"]
         rows = [[str(q), f"{v:.6g}", "defect" if f else "normal"] for q, v, f in zip(paths, prob.tolist(), flags.tolist())]

@@ -156,13 +156,18 @@ class Conv2dSame(nn.Conv2d):
             return _conv2d(x, weight, bias, self.stride, self.padding, self.groups, swish)
         k, s = self.kernel_size[0], self.stride[0]
         h, w = x.shape[-2], x.shape[-1]
+        exporting = torch.onnx.is_in_onnx_export()
+        if exporting:
+            # an exported graph has a fixed input size: constant pads, which ONNX Runtime folds
+            # into the Conv node (ONNX Conv takes asymmetric pads)
+            h, w = int(h), int(w)
         oh, ow = -(-h // s), -(-w // s)                 # TF SAME output size: ceil(n / s)
         ph, pw = max((oh - 1) * s + k - h, 0), max((ow - 1) * s + k - w, 0)
         th, tw = ph % 2, pw % 2
         if not (th or tw):
             return _conv2d(x, weight, bias, self.stride, (ph // 2, pw // 2), self.groups, swish)
         # TF puts the odd pixel of the padding after (bottom/right).
-        if self.in_channels * h * w <= self.out_channels * oh * ow:
+        if self.in_channels * h * w <= self.out_channels * oh * ow or exporting:
             # small input (the stem: 3 channels): pad it the TF way
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
             return _conv2d(x, weight, bias, self.stride, (0, 0), self.groups, swish)
@@ -222,6 +227,12 @@ class MBConvBlock(nn.Module):
         if self.expand_conv is not None:
             x = _conv_bn(self.expand_conv, self.expand_bn, x, fast, swish=True)
         x = _conv_bn(self.dwconv, self.bn, x, fast, swish=True)
+        if torch.onnx.is_in_onnx_export():
+            # squeeze-excitation as the 1x1 convs they are: ONNX Runtime then keeps the block in
+            # its blocked (NCHWc) layout instead of reordering around Flatten/Gemm
+            s = F.silu(self.se_reduce(F.adaptive_avg_pool2d(x, 1)))
+            x = _conv_bn(self.project_conv, self.project_bn, x * torch.sigmoid(self.se_expand(s)), fast)
+            return x + inputs if self.has_skip else x
         # squeeze-excitation; 1x1 convs on a 1x1 map computed as linear layers (same weights)
         s = F.adaptive_avg_pool2d(x, 1).flatten(1)
         s = F.silu(F.linear(s, self.se_reduce.weight.flatten(1), self.se_reduce.bias), inplace=True)
@@ -362,6 +373,32 @@ def _bilinear_logits_inference(f1: torch.Tensor, f2: torch.Tensor, weight: torch
     return (dot / sq.sqrt().clamp_min(1e-12)).to(f1.dtype)[:, None] + bias
 
 
+def _bilinear_logits_export(f1: torch.Tensor, f2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            rows: int = 128) -> torch.Tensor:
+    """_bilinear_logits_inference in plain ONNX operators (MatMul, Abs, Sqrt, Clip, ReduceSum; no
+    out=, float64 or copysign), still in row blocks so that ONNX Runtime never holds a
+    (B, 1,638,400) tensor.  sign(phi) is Clip(phi * 2^127, -1, 1): exact for +-0 and every normal
+    float32 (a subnormal phi, which TensorFlow flushes to zero, gives |sign| < 1 on a term below
+    1e-6); ONNX Runtime's Sign and Where kernels are several times slower than a multiply.
+    1/(H*W) scales the small operand (exact for the power-of-two H*W of 128x128 inputs, one
+    rounding otherwise)."""
+    B, C1, H, W = f1.shape
+    C2 = f2.shape[1]
+    a = f1.reshape(B, C1, H * W) / (H * W)
+    bt = f2.reshape(B, C2, H * W).transpose(1, 2)
+    w = weight.reshape(C1, C2)
+    dot = sq = None
+    for r0 in range(0, C1, rows):
+        r1 = min(r0 + rows, C1)
+        phi = torch.matmul(a[:, r0:r1], bt)
+        q = phi.abs() + 1e-12
+        y = torch.clamp(phi * 2.0 ** 127, -1.0, 1.0) * torch.sqrt(q)
+        d = torch.matmul(y.reshape(B, -1), w[r0:r1].reshape(-1, 1))
+        n = q.sum((1, 2))
+        dot, sq = (d, n) if dot is None else (dot + d, sq + n)
+    return dot / sq.sqrt().clamp_min(1e-12)[:, None] + bias
+
+
 _BIT = torch.arange(8, dtype=torch.uint8)
 
 
@@ -494,6 +531,8 @@ class CRBL(nn.Module):
         if pre_logits:
             return bilinear_pool(f1, f2)
         dropping = self.training and self.dropout.p > 0
+        if torch.onnx.is_in_onnx_export():
+            return _bilinear_logits_export(f1, f2, self.predictions.weight, self.predictions.bias)
         if not torch.is_grad_enabled() and not dropping:
             return _bilinear_logits_inference(f1, f2, self.predictions.weight, self.predictions.bias)
         B, C1, H, W = f1.shape

@@ -1,7 +1,8 @@
 """Benchmarks. Every number is a ratio against a reference measured in the same run.
 
   python scripts/bench.py common       # common Trainer vs a bare hand-written step loop
-  python scripts/bench.py crbl         # CRBL vs Keras predict; EfficientNetB0 vs torchvision
+  python scripts/bench.py crbl         # CRBL vs Keras predict (own processes, alternating); EfficientNetB0 vs torchvision
+  python scripts/bench.py onnx         # ONNX Runtime CPU vs PyTorch CPU for every exported model
   python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
   python scripts/bench.py phaseformer  # vs a transcription of the official model; tiled 2048x2048 inference
   python scripts/bench.py spectral     # cnn_xattn train step and inference vs CR_recon; loader memory on 2 x 100,000 rows
@@ -109,42 +110,101 @@ def bench_common(args, device: torch.device = torch.device("cpu")) -> list[dict]
 
 
 # ---------------------------------------------------------------- crbl
+CRBL_ENGINES = ("torch", "torch_one_stream", "onnxruntime")
+
+
+def crbl_worker(argv) -> None:
+    """One side of `bench.py crbl` in its own process: crbl/infer.py's graph (PyTorch engine, or the
+    exported file in ONNX Runtime) on a fixed random batch; prints one JSON line."""
+    p = argparse.ArgumentParser()
+    p.add_argument("engine", choices=CRBL_ENGINES)
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--onnx", type=Path)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    x = torch.rand(a.batch_size, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
+    if a.engine.startswith("torch"):
+        from crbl.deploy import CRBLProbability
+        from crbl.infer import cpu_streams, load_model
+        streams = cpu_streams() if a.engine == "torch" else 1   # as crbl/infer.py sets it up
+        graph = CRBLProbability(load_model(a.weights, None, "bench")[0], streams).eval()
+        run = torch.inference_mode()(lambda: graph(x))
+    else:
+        from common.onnx import OrtModel, session
+        graph = OrtModel(session(a.onnx, ["CPUExecutionProvider"], threads=a.threads, verbose=False))
+        run = lambda: graph(x)  # noqa: E731
+    run()                                               # warm-up
+    wall, cpu = [], []
+    for _ in range(a.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(json.dumps({"img_s": a.batch_size / statistics.median(wall),
+                      "img_per_cpu_s": a.batch_size / statistics.median(cpu)}))
+
+
+def _run_json(cmd: list[str], env: dict | None = None) -> dict:
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def bench_crbl(args) -> list[dict]:
-    from crbl.model import CRBL, EfficientNetB0
+    """CRBL crop-model inference (batch 32, 128x128) against the original Keras `predict`, each side
+    in its own process (TensorFlow's thread pools slow torch down in a shared process), the sides
+    alternating, --rounds rounds; per side the median over rounds of each process's median batch
+    time. Both wall-clock images/s and images per CPU-second (CPU time of the whole process: on a
+    shared machine it is far less disturbed by other programs than the wall clock)."""
+    from crbl.model import EfficientNetB0
     import torchvision
 
     rows = []
     bs, size = (8, 128) if args.quick else (32, 128)
     threads = torch.get_num_threads()
+    rounds = max(3, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # Keras original with random weights, saved and converted with our converter
-        ref = subprocess.run([sys.executable, str(REPO / "tests" / "keras_ref" / "bench_predict.py"), str(tmp),
-                              "--batch-size", str(bs), "--size", str(size), "--threads", str(threads),
-                              "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1",
-                                                                  "TF_CPP_MIN_LOG_LEVEL": "3"})
-        if ref.returncode != 0:
-            raise SystemExit(f"Keras reference failed:\n{ref.stderr[-3000:]}")
-        keras = json.loads(ref.stdout.strip().splitlines()[-1])
-        conv = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_h5.py"), str(tmp / "crbl.h5"),
-                               str(tmp / "crbl.pth"), "--model-type", "full"], capture_output=True, text=True)
-        if conv.returncode != 0:
-            raise SystemExit(f"conversion failed:\n{conv.stderr}")
-        model = CRBL()
-        model.load_state_dict(torch.load(tmp / "crbl.pth", weights_only=True))
-        model.eval()
-        x = torch.rand(bs, 3, size, size)
-        for fmt in ("contiguous", "channels_last"):
-            m, xx = model, x
-            if fmt == "channels_last":
-                m, xx = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                t = timed(lambda: m(xx), args.repeats)
-            rows.append({"model": f"CRBL torch ({fmt})", "batch": bs, "size": size, "img_s": bs / t,
-                         "vs_keras_predict": (bs / t) / keras["img_s"]})
-        rows.append({"model": "CRBL Keras predict (tf_keras + efficientnet)", "batch": bs, "size": size,
-                     "img_s": keras["img_s"], "vs_keras_predict": 1.0})
+        keras_cmd = [sys.executable, str(REPO / "tests" / "keras_ref" / "bench_predict.py"), str(tmp),
+                     "--batch-size", str(bs), "--size", str(size), "--threads", str(threads), "--repeats",
+                     str(args.repeats)]
+        keras_env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        results = {"keras": [_run_json(keras_cmd, keras_env)]}   # round 1 also writes crbl.h5 (random weights)
+        for cmd in ([str(REPO / "scripts" / "convert_h5.py"), str(tmp / "crbl.h5"), str(tmp / "crbl.pth"),
+                     "--model-type", "full"],
+                    [str(REPO / "scripts" / "export_onnx.py"), "--task", "crbl", "--weights", str(tmp / "crbl.pth"),
+                     "--model", "full", "--out", str(tmp / "crbl.onnx"), "--dynamic-batch"]):
+            res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"{cmd[0]} failed:\n{res.stderr[-3000:]}")
+        worker = [sys.executable, str(REPO / "scripts" / "bench.py"), "_crbl_worker", "--weights", str(tmp / "crbl.pth"),
+                  "--onnx", str(tmp / "crbl.onnx"), "--batch-size", str(bs), "--size", str(size),
+                  "--threads", str(threads), "--repeats", str(args.repeats)]
+        sides = {e: (lambda e=e: _run_json(worker[:3] + [e] + worker[3:])) for e in CRBL_ENGINES}
+        sides["keras"] = lambda: _run_json(keras_cmd, keras_env)
+        for r in range(rounds):
+            order = [*CRBL_ENGINES, "keras"] if r % 2 == 0 else ["keras", *reversed(CRBL_ENGINES)]
+            for side in order:
+                if side == "keras" and r == 0:
+                    continue                            # round 1 of Keras ran above
+                results.setdefault(side, []).append(sides[side]())
+                print(f"  round {r + 1}: {side} {results[side][-1]['img_s']:.1f} img/s", flush=True)
+    med = {k: {m: statistics.median(v[m] for v in vals) for m in ("img_s", "img_per_cpu_s")}
+           for k, vals in results.items()}
+    names = {"torch": "CRBL torch (crbl/infer.py default: two streams)",
+             "torch_one_stream": "CRBL torch (one stream, all threads per operator)",
+             "onnxruntime": "CRBL ONNX Runtime CPU (exported)", "keras": "CRBL Keras predict (tf_keras + efficientnet)"}
+    for side in (*CRBL_ENGINES, "keras"):
+        rows.append({"model": names[side], "batch": bs, "size": size, "img_s": med[side]["img_s"],
+                     "vs_keras_predict": med[side]["img_s"] / med["keras"]["img_s"],
+                     "img_per_cpu_s": med[side]["img_per_cpu_s"],
+                     "cpu_vs_keras": med[side]["img_per_cpu_s"] / med["keras"]["img_per_cpu_s"],
+                     "rounds_img_s": " ".join(f"{v['img_s']:.1f}" for v in results[side])})
 
     bs, size = (2, 224) if args.quick else (8, 224)
     x = torch.rand(bs, 3, size, size)
@@ -164,7 +224,7 @@ def bench_crbl(args) -> list[dict]:
     for fmt, t in tv_t.items():
         rows.append({"model": f"torchvision efficientnet_b0 ({fmt})", "batch": bs, "size": size,
                      "img_s": bs / t, "vs_best_torchvision": ref_t / t})
-    report(rows, f"crbl inference, {threads} threads")
+    report(rows, f"crbl inference, {threads} threads, median of {rounds} alternating rounds (own process per side)")
     return rows
 
 
@@ -230,6 +290,67 @@ def bench_battery(args) -> list[dict]:
             rows.append({"model": name, "what": "train_step", "batch": bs, "layout": layout, "img_s": bs / t})
             print(f"  {name} train step b{bs} {layout}: {bs / t:.3g} img/s", flush=True)
     report(rows, f"battery_ct models at {size}x{size}, {torch.get_num_threads()} threads")
+    return rows
+
+
+# ---------------------------------------------------------------- onnx
+def bench_onnx(args) -> list[dict]:
+    """ONNX Runtime (CPU provider, same thread count) against PyTorch on the CPU for the graphs
+    infer.py runs (pre/post-processing included; the DRN-D-54 models BN-folded as infer.py loads
+    them), at each model's usual batch and size: CRBL 32 x 128^2, battery classifiers 8 x 512^2,
+    deeplab_seg 4 windows of 640^2 (--quick: 128^2, batch 2). Alternating, median per engine."""
+    from battery_ct.deploy import BatteryGraph, graph_spec
+    from battery_ct.model import MODEL_NAMES, build_model, fuse_for_inference
+    from battery_ct.train import normalization
+    from common.onnx import OrtModel, export, session
+    from crbl.deploy import CRBLProbability, export_spec as crbl_spec
+    from crbl.infer import cpu_streams
+    from crbl.model import CRBL
+
+    threads = torch.get_num_threads()
+    cases = [("crbl_crop", 32, 128)] + [(n, 4 if n == "deeplab_seg" else 8, 640 if n == "deeplab_seg" else 512)
+                                        for n in MODEL_NAMES]
+    if args.quick:
+        cases = [(n, 2, 128) for n, _, _ in cases]
+    if args.models:
+        cases = [c for c in cases if c[0] in args.models.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, bs, size in cases:
+            torch.set_num_threads(threads)
+            if name == "crbl_crop":
+                torch.save(CRBL().state_dict(), Path(tmp) / "crbl.pth")
+                spec = crbl_spec(Path(tmp) / "crbl.pth", "crop", (size, size))
+                graph = CRBLProbability(spec.module.model, cpu_streams()).eval()   # as crbl/infer.py runs it
+            else:
+                model = build_model(name).eval()
+                cfg = {"model": name, "num_classes": 4 if name == "deeplab_seg" else 5, "image_size": size,
+                       "normalize": normalization(name)}
+                spec = graph_spec(model, cfg, {}, (size, size), Path("random"))
+                graph = spec.module
+                if name in ("deeplabv3", "deeplab_seg"):  # as battery_ct/infer.py runs them
+                    graph = BatteryGraph(fuse_for_inference(model), name, cfg["normalize"]).eval()
+            runner = OrtModel(session(export(spec, batch=2, dynamic_batch=True), ["CPUExecutionProvider"],
+                                      threads=threads, verbose=False))
+            inputs = spec.make_inputs(bs, torch.Generator().manual_seed(0))
+            heavy = name in ("deeplabv3", "deeplab_seg", "drn_aspp", "convnext_tiny") and not args.quick
+            reps = 1 if heavy else args.repeats
+            with torch.inference_mode():
+                ref = graph(*inputs)
+                got = runner(*inputs)
+                diff = max(float((g.double() - r.double()).abs().max()) for g, r in zip(got, ref)
+                           if r.dtype.is_floating_point)
+                t_torch, t_ort = [], []
+                for _ in range(2 if heavy else 3):       # alternating rounds
+                    t_torch.append(timed(lambda: graph(*inputs), reps))
+                    t_ort.append(timed(lambda: runner(*inputs), reps))
+            tt, to = statistics.median(t_torch), statistics.median(t_ort)
+            rows.append({"model": name, "batch": bs, "size": size, "torch_img_s": bs / tt, "onnxruntime_img_s": bs / to,
+                         "ort_vs_torch": tt / to, "max_abs_diff": diff})
+            print(f"  {name} b{bs} {size}: torch {bs / tt:.3g} img/s, onnxruntime {bs / to:.3g} img/s "
+                  f"({tt / to:.2f}x), max |diff| {diff:.1e}", flush=True)
+    torch.set_num_threads(threads)
+    report(rows, f"ONNX Runtime CPU vs PyTorch CPU, {threads} threads")
     return rows
 
 
@@ -966,17 +1087,20 @@ def bench_spectral(args) -> list[dict]:
 
 
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
-            "colorize": bench_colorize, "phaseformer": bench_phaseformer, "gpu": bench_gpu}
-CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer"]
+            "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu}
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx"]
 
 
 def main():
+    if sys.argv[1:2] == ["_crbl_worker"]:
+        return crbl_worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="crbl: alternating rounds of the Keras / torch processes (>= 3)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", help="gpu section: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
+    p.add_argument("--models", help="gpu and onnx sections: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
     p.add_argument("--weights", type=Path, default=None,
                    help="phaseformer section: weights for the tiling seam test (e.g. a demo run's best.pt)")
     p.add_argument("--part", choices=("all", "data"), default="all", help="spectral section: only the data loader")

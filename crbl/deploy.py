@@ -1,0 +1,103 @@
+"""The deployed CRBL graph: what crbl/infer.py runs (in PyTorch or ONNX Runtime) and what
+scripts/export_onnx.py --task crbl writes.
+
+    image        (N, 3, H, W) float32, RGB in [0, 1], NCHW: an image after crbl.data.preprocess
+                 (crop model: the part's bounding box; full model: the image without its first
+                 4 rows/columns; both resized to 128x128)
+    probability  (N,) float32: P(defect) = sigmoid(logit); defect if probability > threshold
+                 (infer.py's defaults: 0.01 for the crop model, 0.5 for the full model; combined:
+                 defect if crop > 0.01 or full > 0.5)
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.io import UserError
+from common.onnx import ExportSpec
+from crbl.data import INPUT_SIZE
+from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
+
+TASK = "crbl"
+INPUT_NAMES = ["image"]
+OUTPUT_NAMES = ["probability"]
+
+
+class CRBLProbability(nn.Module):
+    """image in [0, 1] -> (probability,), exactly what crbl/infer.py computes per batch.
+
+    streams=2 (CPU inference): the two backbones run at the same time in two threads, then the head
+    on the two halves of the batch, each thread with torch.get_num_threads() intra-op threads
+    (crbl/infer.py halves that number). The same arithmetic (identical outputs); the difference is
+    that no core waits at a barrier after every operator for another one, which on a busy machine
+    costs more than the operator (two intra-op threads on two loaded cores ran CRBL several times
+    slower than one)."""
+
+    def __init__(self, model: CRBL, streams: int = 1):
+        super().__init__()
+        self.model = model
+        self.streams = streams
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="crbl") if streams > 1 else None
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        parallel = (self._pool is not None and image.device.type == "cpu" and not torch.is_grad_enabled()
+                    and not torch.onnx.is_in_onnx_export() and not self.model.training)
+        logits = self._two_streams(image) if parallel else self.model(image)
+        return (torch.sigmoid(logits.float())[:, 0],)
+
+    def _two_streams(self, image: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = image.contiguous(memory_format=torch.channels_last)
+        other = self._pool.submit(_no_grad(m.backbone1.forward_channels_last), x)
+        f2 = m.backbone2.forward_channels_last(x)
+        f1 = other.result()
+        half = (x.shape[0] + 1) // 2
+        first = self._pool.submit(_no_grad(m.forward_head), (f1[:half], f2[:half]))
+        rest = [m.forward_head((f1[half:], f2[half:]))] if x.shape[0] > half else []
+        return torch.cat([first.result(), *rest])
+
+
+def _no_grad(fn):
+    """fn under inference mode in the worker thread (grad mode is per thread)."""
+    def call(*args):
+        with torch.inference_mode():
+            return fn(*args)
+    return call
+
+
+def metadata(model_type: str, size: tuple[int, int], weights: Path) -> dict:
+    return {
+        "task": TASK, "model": model_type, "weights": Path(weights).name,
+        "inputs": "image: float32 (N,3,H,W) NCHW, RGB in [0,1], after crbl.data.preprocess "
+                  f"({'crop: part bounding box' if model_type == 'crop' else 'full: first 4 rows/columns dropped'}, "
+                  f"resized to {size[0]}x{size[1]})",
+        "outputs": "probability: float32 (N,) P(defect) = sigmoid(logit)",
+        "image_size": list(size), "input_range": [0.0, 1.0], "input_layout": "NCHW RGB",
+        "threshold": DEFAULT_THRESHOLDS[model_type],
+        "decision": f"defect if probability > threshold; combined crop+full: defect if crop > "
+                    f"{DEFAULT_THRESHOLDS['crop']} or full > {DEFAULT_THRESHOLDS['full']}",
+    }
+
+
+def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] | None = None) -> ExportSpec:
+    """The deployed graph of a training checkpoint or converted .pth; `model` is the model type
+    (crop/full), read from a training checkpoint, needed for a converted file."""
+    from crbl.infer import load_model  # infer imports this module
+
+    if model is not None and model not in MODEL_TYPES:
+        raise UserError(f"--model {model}: a CRBL model is one of {', '.join(MODEL_TYPES)}")
+    net, stored = load_model(weights, model, f"--model {model}")
+    model_type = model or stored
+    if model_type is None:
+        raise UserError(f"{weights}: converted weights do not say whether they are a crop or a full model: "
+                        f"give --model crop or --model full")
+    size = tuple(size or (INPUT_SIZE, INPUT_SIZE))
+
+    def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.rand(batch, 3, *size, generator=g),)
+
+    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES,
+                      metadata(model_type, size, weights), tolerance=1e-5)

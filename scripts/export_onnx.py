@@ -1,0 +1,90 @@
+"""Export a trained or converted model to ONNX, checked against PyTorch before it is written.
+
+  python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crbl_crop.onnx --dynamic-batch
+  python scripts/export_onnx.py --task crbl --weights converted_full.pth --model full --out crbl_full.onnx
+  python scripts/export_onnx.py --task battery_ct --weights runs/battery_ct/hdcnn-*/best.pt --out hdcnn.onnx
+  python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
+
+The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
+image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
+documents it (input layout and range, output meaning, class names, thresholds). It is checked with
+onnx.checker, run with ONNX Runtime on the CPU on random inputs and compared with PyTorch; it is
+written (atomically) only if the largest difference is within --tolerance. Run it with
+`infer.py --engine onnxruntime --onnx FILE`, or from any ONNX Runtime application.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from common.cli import ArgumentParser, POSITIVE_INT, add_threads_arg, apply_runtime_args, float_range, int_range
+from common.io import UserError, check_output_file, run_cli
+from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
+
+# task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
+TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy"}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--weights", type=Path, required=True, help="a training checkpoint (best.pt) or a converted .pth")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--model", help="crbl: crop | full; battery_ct: the model name (read from a training "
+                                   "checkpoint; needed for a converted file)")
+    p.add_argument("--size", type=int_range(16, 8192), nargs=2, metavar=("H", "W"),
+                   help="input height and width (default: the model's size: crbl 128x128, battery_ct the "
+                        "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed, --batch-size)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="the fixed batch size without --dynamic-batch")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="any input height and width (battery_ct deeplab_seg and the classifiers; not crbl or ae, "
+                        "whose graphs hold size-dependent constants)")
+    p.add_argument("--opset", type=int_range(13, MAX_OPSET), default=DEFAULT_OPSET)
+    p.add_argument("--tolerance", type=float_range(0, 1, lo_open=True), default=None,
+                   help="refuse to write if max |ONNX Runtime - PyTorch| / max(1, max |PyTorch|) exceeds this "
+                        "(default: the model's, 1e-5 for CRBL probabilities, 1e-4 for the battery models)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_threads_arg(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    apply_runtime_args(args)
+    out = check_output_file(args.out, args.overwrite)
+    deploy = importlib.import_module(TASKS[args.task])
+    spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None)
+    tolerance = args.tolerance or spec.tolerance
+    batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
+    t0 = time.perf_counter()
+    data = export(spec, batch=batch, dynamic_batch=args.dynamic_batch, opset=args.opset, dynamic_size=args.dynamic_size)
+    h, w = spec.metadata["image_size"]
+    print(f"exported {args.task} {spec.metadata['model']} (opset {args.opset}, "
+          f"{'dynamic batch' if args.dynamic_batch else f'batch {args.batch_size}'}, "
+          f"input {'any size, traced at ' if args.dynamic_size else ''}{h}x{w}) in {time.perf_counter() - t0:.1f} s; "
+          f"onnx.checker: ok")
+    batches = (1, 3) if args.dynamic_batch else (args.batch_size,)
+    step = max(spec.size_multiple, 16)          # a second, non-square size for a --dynamic-size graph
+    sizes = (None, (h + 2 * step, w - step if w > step else w + step)) if args.dynamic_size else (None,)
+    worst = compare(data, spec, batches, sizes=sizes)
+    shown = " and ".join(f"{s[0]}x{s[1]}" for s in sizes[1:])
+    for name, d in worst.items():
+        print(f"  {name}: max |ONNX Runtime - PyTorch| {d:.2e} (batch {', '.join(map(str, batches))}"
+              f"{'; also at ' + shown if shown else ''})")
+    bad = {n: d for n, d in worst.items() if d > tolerance}
+    if bad:
+        raise UserError(f"{out}: not written: ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "
+                        f"({', '.join(f'{n} {d:.2e}' for n, d in bad.items())})")
+    write(data, out)
+    for note in spec.notes:
+        print(note)
+    print(f"ONNX model written to {out} ({len(data) / 2**20:.1f} MB; within tolerance {tolerance:g}); run it with "
+          f"python {args.task}/infer.py --engine onnxruntime --onnx {out} ...")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
