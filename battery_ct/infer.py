@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from battery_ct.data import BUILTIN_VERSION, SplitDataset, class_counts, make_builtin_dataset, read_split
 from battery_ct.deploy import BatteryGraph
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, build_model,

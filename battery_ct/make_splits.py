@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from battery_ct.data import (CLASS_NAMES, class_counts, parse_name, read_split, split_by_battery,
                              write_split)
 from common.data import IMAGE_SUFFIXES

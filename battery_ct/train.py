@@ -33,6 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from battery_ct.data import BUILTIN_VERSION, SplitDataset, class_counts, make_builtin_dataset, read_split
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, NORMAL_CLASSES, FocalLoss,
                               HDCNNLoss, anomaly_score, build_model, hdcnn_decision, load_converted)

@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
                         float_range)
 from common.data import list_images

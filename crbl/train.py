@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common import cli
 from common.cli import NONNEG, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader

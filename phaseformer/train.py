@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common import cli
 from common.checkpoint import load_checkpoint, unwrap
 from common.cli import NONNEG_INT, POSITIVE_INT, add_common_args, float_range, int_range, setup_run

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # `python scripts/bench.py`: import this checkout's packages (and tests/*_ref)
+    sys.path.insert(0, str(REPO))
 
 
 def _sync() -> None:
@@ -645,8 +647,6 @@ def bench_colorize(args) -> list[dict]:
     skimage). On CUDA also fp32 / bf16 / fp16 autocast, eager and torch.compile(mode="reduce-overhead")."""
     import numpy as np
 
-    if str(REPO) not in sys.path:   # tests/colorize_ref holds the transcription of the original
-        sys.path.insert(0, str(REPO))
     from colorize.model import ImprovedUNet
     from tests.colorize_ref.original_unet import OriginalImprovedUNet
 
@@ -1023,7 +1023,6 @@ def bench_spectral(args) -> list[dict]:
     """CR_recon's cnn_xattn: a training step (batch 64) and inference (batch 256) against the
     transcription of the original (tests/spectral_ref/original.py, the same weights), where the time
     goes, and the data loader's peak memory and throughput on a synthetic full-size raw set."""
-    sys.path.insert(0, str(REPO))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     bs_train, bs_infer = (8, 32) if args.quick else (64, 256)

@@ -18,7 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import sys
 import torch
+
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from battery_ct.model import DeepLabClassifier, DeepLabSeg, describe_key_mismatch
 from common.cli import ArgumentParser

@@ -47,17 +47,12 @@ except ImportError:  # pragma: no cover - h5py is a project requirement
 
 import torch
 
-try:
-    from common.cli import ArgumentParser
-    from common.io import UserError, atomic_torch_save, check_output_file, run_cli
-    from crbl.model import (CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES,
-                            EfficientNetB0)
-except ImportError:  # run as a file from a checkout that is not installed
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from common.cli import ArgumentParser
-    from common.io import UserError, atomic_torch_save, check_output_file, run_cli
-    from crbl.model import (CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES,
-                            EfficientNetB0)
+
+from common.cli import ArgumentParser  # noqa: E402
+from common.io import UserError, atomic_torch_save, check_output_file, run_cli  # noqa: E402
+from crbl.model import CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES, EfficientNetB0  # noqa: E402
 
 # ----------------------------------------------------------------------------- the B0 weight spec
 # kind -> variable names in Keras weight order (= object-path vars/<i> order)

@@ -18,7 +18,11 @@ Note: the release weights were trained on [-1, 1] inputs at 512 px and are meant
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser
 from common.io import UserError, atomic_torch_save, check_output_file, run_cli

@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common.cli import ArgumentParser, POSITIVE_INT, add_threads_arg, apply_runtime_args, float_range, int_range
 from common.io import UserError, check_output_file, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
