@@ -32,6 +32,16 @@ def pytest_unconfigure(config):
     shutil.rmtree(_BUILTIN, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process work in tests is small: one intra-op thread is as fast, and two-thread OpenMP
+    barriers stall for seconds when another process keeps the second core busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def run_script():
     """Run a repo script the way a user does (python path/to/script.py ...) and return the result."""

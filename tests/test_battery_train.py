@@ -8,10 +8,8 @@ which run the script exactly as a user does.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import csv
 import functools
-import io
 import math
 import os
 import shutil
@@ -30,50 +28,16 @@ from battery_ct.data import SplitDataset, read_split
 from battery_ct.model import DEFECT_CLASSES, FocalLoss, build_model, load_converted
 from battery_ct.train import (ae_loss, ae_terms, main as train_main, make_optimizer, make_scheduler, normalization,
                               param_groups, threshold_from_scores, to_unit)
+from helpers import call, cli_error  # noqa: F401  (test_battery_infer imports them from here)
 from common.checkpoint import load_checkpoint
 from common.data import builtin_dir
-from common.io import load_untrusted, run_cli
+from common.io import load_untrusted
 from common.metrics import roc_auc, ssim, youden_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.mkdtemp(prefix="battery-train-tests-"))
 atexit.register(shutil.rmtree, WORK, True)
 FAST = ["--image-size", 32, "--batch-size", 16, "--workers", 0, "--no-progress"]
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    with one_thread():
-        yield
-
-
-def call(main, *argv):
-    """Run a script's main(argv) here; (return value, stdout)."""
-    buf = io.StringIO()
-    with one_thread(), contextlib.redirect_stdout(buf):
-        result = main([str(a) for a in argv])
-    return result, buf.getvalue()
-
-
-def cli_error(main, *argv, capsys) -> str:
-    """Run main through run_cli like the script does; assert exit != 0 and exactly one stderr line."""
-    capsys.readouterr()
-    with one_thread(), pytest.raises(SystemExit) as e:
-        run_cli(lambda: main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code not in (0, None)
-    assert len(err) == 1, err
-    return err[0]
 
 
 def script(path, *argv, check=True) -> subprocess.CompletedProcess:

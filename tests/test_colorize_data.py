@@ -22,14 +22,6 @@ FIXTURE = json.loads((Path(__file__).parent / "colorize_ref" / "metric_fixture.j
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on the shared 2-core machine a second OpenMP thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def builtin():
     return ensure_builtin("colorize", BUILTIN_VERSION, make_builtin_dataset)

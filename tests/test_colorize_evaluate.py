@@ -16,7 +16,8 @@ from PIL import Image
 from colorize.data import gray_u8
 from colorize.evaluate import main as evaluate_main
 from colorize.metrics import competition_score
-from common.io import run_cli
+import helpers
+
 
 
 def make_set(root: Path, n: int = 4, size: int = 40) -> dict:
@@ -76,12 +77,7 @@ def test_scores_per_image_and_overall(tmp_path):
 
 
 def cli_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: evaluate_main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return helpers.cli_error(evaluate_main, *argv, capsys=capsys)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -21,20 +21,13 @@ from colorize.data import gray_u8, resize_tensor, resize_u8
 from colorize.infer import main as infer_main
 from colorize.infer import restore_to_size
 from colorize.model import build_model
+import helpers
 from common.checkpoint import save_checkpoint
-from common.io import run_cli
+
 from tests.colorize_ref.original_unet import OriginalImprovedUNet, OriginalUNet
 from tests.test_colorize_model import original_checkpoint, saved_as_cuda
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def scene(seed: int, h: int, w: int) -> np.ndarray:
@@ -171,12 +164,7 @@ def test_nothing_is_overwritten_without_overwrite(own_checkpoint, tmp_path, caps
 
 
 def cli_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: infer_main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return helpers.cli_error(infer_main, *argv, capsys=capsys)
 
 
 def test_bad_input_is_one_line(own_checkpoint, tmp_path, capsys):

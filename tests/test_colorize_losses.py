@@ -12,14 +12,6 @@ from tests.colorize_ref.original_losses import OriginalCombinedLoss
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on the shared 2-core machine a second OpenMP thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def losses():
     torch.manual_seed(0)

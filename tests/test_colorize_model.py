@@ -15,14 +15,6 @@ from tests.colorize_ref.original_unet import OriginalImprovedUNet, OriginalUNet
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on the shared 2-core machine a second OpenMP thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def improved_pair():
     torch.manual_seed(0)

@@ -4,10 +4,8 @@ exact resume from there, the perceptual / style / damaged-region terms, --init f
 bad input. The one-minute default demo itself is the slow test at the end."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
-import io
 import os
 import shutil
 import signal
@@ -25,8 +23,9 @@ import common.vgg
 from colorize.data import BUILTIN_VERSION, make_builtin_dataset
 from colorize.model import build_model
 from colorize.train import main as train_main
+import helpers
 from common.data import ensure_builtin
-from common.io import load_untrusted, run_cli
+from common.io import load_untrusted
 from common.vgg import VGGFeatures, WeightsUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,28 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--epochs", 2, "--subset", 0.25, "--img-size", 32, "--batch-size", 5, "--threads", 1, "--perceptual", 0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def call(*argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = train_main([str(a) for a in argv])
-    return result, buf.getvalue()
+    return helpers.call(train_main, *argv)
 
 
 def cli_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: train_main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return helpers.cli_error(train_main, *argv, capsys=capsys)
 
 
 def read_log(folder: Path) -> list[dict]:

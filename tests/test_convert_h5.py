@@ -119,14 +119,6 @@ def scratch(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)        # see tests/test_crbl_model.py: 2-thread barriers stall on busy cores
-    yield
-    torch.set_num_threads(n)
-
-
 def _maxdiff(tag: str, torch_out: torch.Tensor, keras_out: np.ndarray, nhwc: bool = False) -> float:
     t = torch_out.detach()
     if nhwc:

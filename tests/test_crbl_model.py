@@ -14,16 +14,6 @@ import torch.nn.functional as F
 from crbl.model import (BLOCKS, CRBL, DEFAULT_THRESHOLDS, FREEZE_INDEX, KERAS_LAYER_NAMES, KERAS_LAYERS,
                         Conv2dSame, EfficientNetB0, bilinear_pool, build_model)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine, two-thread OpenMP barriers can stall for
-    seconds when the other core is busy; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # Keras numbers for qubvel B0 / CRBL (checked against a live Keras model in test_convert_h5.py)
 KERAS_CROP_TRAINABLE = 8_139_833
 KERAS_FULL_TRAINABLE = 1_638_401

@@ -41,15 +41,6 @@ REL_TOL = 1e-4
 SIZE = (64, 96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (see tests/test_crbl_model.py: two-thread barriers stall on busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx")

@@ -22,7 +22,6 @@ from phaseformer.safe_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, load_pickled
 REF = Path(__file__).parent / "phaseformer_ref"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REF))
-from fixtures import one_thread  # noqa: E402,F401
 
 MODULES = ("model_with_eca", "phaseformer")
 GENUINE = ("whole_cuda_zip", "whole_cuda_legacy", "state_dict", "state_dict_module")

@@ -15,7 +15,6 @@ from phaseformer.data import (PairDataset, augment, list_pairs, make_builtin_dat
                               resolve_dataset, sample_pair)
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
-from fixtures import one_thread  # noqa: E402,F401
 
 
 def _image(path: Path, size=(12, 10), seed=0):

@@ -18,7 +18,6 @@ from phaseformer.model import Phaseformer
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
 import official_model as official  # noqa: E402
-from fixtures import one_thread  # noqa: E402,F401
 
 
 class Pointwise(nn.Module):

@@ -16,7 +16,6 @@ from phaseformer.losses import (FIXED_WEIGHTS, LOG_VAR_BOUND, CharbonnierLoss, F
                                 msssim_window)
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
-from fixtures import one_thread  # noqa: E402,F401
 
 
 def test_charbonnier_by_hand():

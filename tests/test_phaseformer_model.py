@@ -12,7 +12,6 @@ from phaseformer.model import (UNUSED_MODULES, Phaseformer, build_model, phase_g
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
 import official_model as official  # noqa: E402  (the transcription of model_with_eca.py)
-from fixtures import one_thread  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from phaseformer.losses import PhaseformerLoss
 from phaseformer.model import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
-from fixtures import one_thread  # noqa: E402,F401
 
 FAST = ["--image-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress", "--threads", "1",
         "--niter", "0", "--niter-decay", "2"]

@@ -3,8 +3,6 @@ its Trainer's checkpoint dict, storages claiming cuda:0), exactly as the accepta
 plus PNG input, CSV, plots, --evaluate and bad input."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -17,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.io import run_cli
+import helpers
+
 from spectral.data import physical_spectra, random_structures, sample_indices, to_cells
 from spectral.infer import main as infer_main
 from tests.spectral_ref import original
@@ -36,14 +35,6 @@ MODELS = {   # (name, model.params as a CR_recon config writes them)
     "gru_small": ("cnn_gru", {"out_len": 12, "d_model": 48, "gru_layers": 3, "cnn_dropout": 0.1,
                               "head_dropout": 0.0, "use_circular_padding": True}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def crrecon_yaml(name: str, params: dict, loss: str = "mse_pearson", data_out_len: int | None = None) -> str:
@@ -87,19 +78,11 @@ def structs(tmp_path_factory):
 
 
 def call(*argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = infer_main([str(a) for a in argv])
-    return result, buf.getvalue()
+    return helpers.call(infer_main, *argv)
 
 
 def cli_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: infer_main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return helpers.cli_error(infer_main, *argv, capsys=capsys)
 
 
 def reference(model, s: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+import helpers
 from common.checkpoint import load_checkpoint
 from common.data import BUILTIN_ENV
 from common.io import run_cli
@@ -35,27 +36,12 @@ TINY = {"seed": 1, "data": {"out_len": 30, "batch_size": 8, "num_workers": 0, "t
 FAST = ["--threads", 1, "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def call(*argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = train_main([str(a) for a in argv])
-    return result, buf.getvalue()
+    return helpers.call(train_main, *argv)
 
 
 def cli_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: train_main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return helpers.cli_error(train_main, *argv, capsys=capsys)
 
 
 @pytest.fixture(scope="module")
