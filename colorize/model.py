@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.io import UserError, strip_wrapper_prefixes
+from common.io import UserError, load_state_strict, strip_wrapper_prefixes  # noqa: F401 (load_state_strict: used by infer/train)
 
 MODEL_NAMES = ("unet", "improved_unet")
 ORIGINAL_WIDTH = 64
@@ -314,18 +314,3 @@ def load_original_state(obj, path, model: str | None = None) -> tuple[dict, str,
         raise UserError(f"{path}: the checkpoint holds a {name} model, not --model {model}")
     return sd, name, width
 
-
-def load_state_strict(net: nn.Module, sd: dict, path) -> None:
-    """load_state_dict(strict) with the first mismatches named in one line."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{more}")
-        raise UserError(f"{path}: weights do not fit {type(net).__name__} ({'; '.join(parts)})")
-    net.load_state_dict(sd)

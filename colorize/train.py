@@ -35,14 +35,14 @@ from colorize.data import (BUILTIN_VERSION, MASK_TOLERANCE, TASK, PairDataset, m
                            split_indices, to_u8)
 from colorize.losses import ColorizeLoss
 from colorize.metrics import competition_score, mean_scores
-from colorize.model import MODEL_NAMES, ORIGINAL_WIDTH, build_model, load_original_state, load_state_strict
+from colorize.model import MODEL_NAMES, ORIGINAL_WIDTH, build_model, load_original_state
 from common import cli
 from common.checkpoint import unwrap
 from common.cli import NONNEG, NONNEG_INT, add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
-from common.io import UserError, load_untrusted, run_cli
+from common.io import UserError, load_state_strict, load_untrusted, run_cli
 from common.trainer import Trainer
 
 ORIGINAL_EPOCHS, ORIGINAL_IMG_SIZE = 30, 128

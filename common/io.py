@@ -291,9 +291,15 @@ def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Ten
 
 
 def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> dict:
-    """Load weights from a checkpoint or plain state_dict strictly; mismatches are a UserError."""
+    """Load weights from a checkpoint or plain state_dict strictly; mismatches are a UserError.
+    Returns the file's dict (a checkpoint's config and extras), {} for a bare state_dict."""
     obj = load_untrusted(path)
-    sd = state_dict_from(obj, path)
+    load_state_strict(model, state_dict_from(obj, path), path)
+    return obj if isinstance(obj, dict) else {}
+
+
+def load_state_strict(model: torch.nn.Module, sd: dict, path) -> None:
+    """model.load_state_dict(sd) (strict), the first mismatches of each kind named in one line."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -306,7 +312,6 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> dict:
                 parts.append(f"{len(keys)} {name}: {shown}")
         raise UserError(f"{path}: weights do not fit {type(model).__name__} ({'; '.join(parts)})")
     model.load_state_dict(sd)
-    return obj if isinstance(obj, dict) else {}
 
 
 # ---------------------------------------------------------------- images

@@ -8,9 +8,8 @@ import contextlib
 import pytest
 import torch
 
-from colorize.model import (ImprovedUNet, UNet, build_model, detect_architecture, load_original_state,
-                            load_state_strict)
-from common.io import UserError, load_untrusted, strip_wrapper_prefixes
+from colorize.model import ImprovedUNet, UNet, build_model, detect_architecture, load_original_state
+from common.io import UserError, load_state_strict, load_untrusted, strip_wrapper_prefixes
 from tests.colorize_ref.original_unet import OriginalImprovedUNet, OriginalUNet
 
 
