@@ -103,6 +103,15 @@ def load_model(path: Path, model: str | None) -> tuple[torch.nn.Module, dict]:
     return net.eval(), {"model": name, "width": width, **info}
 
 
+def traced_size(meta: dict[str, str], path: Path) -> tuple[int, int]:
+    """The size a --dynamic-size file was exported at (the checkpoint's training size by default)."""
+    try:
+        h, w = (int(v) for v in json.loads(meta["image_size"]))
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path}: its metadata has no valid image_size: give --size") from None
+    return h, w
+
+
 def load_onnx(args) -> tuple[OrtModel, dict, tuple[int, int]]:
     """(the exported graph, {'model', 'width', 'source'}, the input size infer.py feeds it); a file of
     another task or model, or a --size the file cannot take, is refused."""
@@ -121,8 +130,7 @@ def load_onnx(args) -> tuple[OrtModel, dict, tuple[int, int]]:
                             f"with --size {args.size} {args.size} or --dynamic-size")
         size = (h, w)
     else:                                       # exported with --dynamic-size: any multiple of 16
-        size = (args.size,) * 2 if args.size else tuple(json.loads(meta.get("image_size", f"[{ORIGINAL_SIZE}, "
-                                                                                          f"{ORIGINAL_SIZE}]")))
+        size = (args.size, args.size) if args.size else traced_size(meta, args.onnx)
     check_size(name, size, f"--size {args.size}" if args.size else str(args.onnx))
     return graph, {"model": name, "width": meta.get("width", "?"), "source": f"ONNX Runtime, {args.onnx.name}"}, size
 
