@@ -2,6 +2,7 @@
 
   python colorize/infer.py --weights runs/colorize/.../best.pt --input DATA/test.csv --out preds/ --zip
   python colorize/infer.py --weights best_model.pth --input test_input/ --out preds/ --size 128 --model improved_unet
+  python colorize/infer.py --engine onnxruntime --onnx colorize.onnx --input DATA/test.csv --out preds/   # scripts/export_onnx.py
 
 --weights takes a checkpoint of colorize/train.py (it knows its model, width and training size) or
 one of the original's (`best_model.pth`, `model_epoch_N.pth`, `interrupted_model.pth`: a dict with
@@ -13,10 +14,16 @@ Each input is read as RGB, resized to --size x --size (OpenCV INTER_LINEAR geome
 loaded it), restored, resized back to the input's own size, rounded to 8 bit and written as a PNG
 with the input's file name (a .jpg input gives name.png). --zip also writes a flat zip of those
 PNGs, the form the competition accepts (default OUT/submission.zip).
+
+--engine onnxruntime --onnx FILE runs an exported model (the same graph, colorize/deploy.py, fed the
+same resized images, with the same post-processing): its model and size come from the file (--size
+only for a file exported with --dynamic-size). The PNGs equal the PyTorch engine's to one gray
+level (the engines' floats differ by ~1e-6, which moves a few values across a rounding boundary).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -30,6 +37,7 @@ if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from colorize.data import TASK, load_rgb, read_inputs, resize_tensor, resize_u8, to_tensor, to_u8
+from colorize.deploy import ColorizeGraph, check_size
 from colorize.model import MODEL_NAMES, build_model, load_original_state, load_state_strict
 from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, int_range)
@@ -37,28 +45,41 @@ from common.data import list_images
 from common.device import select_device
 from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_untrusted, make_output_dir,
                        run_cli, save_image)
+from common.onnx import OrtModel, add_engine_args, check_task, session
 
 ORIGINAL_SIZE = 128   # the original's default resolution
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or the original's best_model.pth")
+    p.add_argument("--weights", type=Path, help="best.pt / last.pt, or the original's best_model.pth (PyTorch engine)")
     p.add_argument("--input", type=Path, required=True, help="folder of images, an image, or test.csv")
     p.add_argument("--out", type=Path, required=True, help="folder for the restored PNGs")
     p.add_argument("--model", choices=MODEL_NAMES, help="architecture, checked against the weights")
     p.add_argument("--size", type=int_range(16, 4096), default=None,
                    help="model input size, a multiple of 16 (default: the checkpoint's training size; "
-                        f"{ORIGINAL_SIZE} for the original's checkpoints)")
+                        f"{ORIGINAL_SIZE} for the original's checkpoints; an ONNX file's own size)")
     p.add_argument("--zip", nargs="?", const="", default=None, metavar="PATH",
                    help="also write a flat zip of the PNGs (default OUT/submission.zip)")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs / a zip already in the way")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader processes reading the images")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)
-    return p.parse_args(argv)
+    add_engine_args(p, default_engine=None)
+    args = p.parse_args(argv)
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    if args.engine == "onnxruntime":
+        if args.onnx is None or args.weights is not None:
+            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
+                    "not --weights")
+    elif args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    elif args.weights is None:
+        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    return args
 
 
 # ---------------------------------------------------------------- model
@@ -82,6 +103,38 @@ def load_model(path: Path, model: str | None) -> tuple[torch.nn.Module, dict]:
     return net.eval(), {"model": name, "width": width, **info}
 
 
+def traced_size(meta: dict[str, str], path: Path) -> tuple[int, int]:
+    """The size a --dynamic-size file was exported at (the checkpoint's training size by default)."""
+    try:
+        h, w = (int(v) for v in json.loads(meta["image_size"]))
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{path}: its metadata has no valid image_size: give --size") from None
+    return h, w
+
+
+def load_onnx(args) -> tuple[OrtModel, dict, tuple[int, int]]:
+    """(the exported graph, {'model', 'width', 'source'}, the input size infer.py feeds it); a file of
+    another task or model, or a --size the file cannot take, is refused."""
+    sess = session(args.onnx, args.providers, args.threads)
+    meta = check_task(sess, args.onnx, TASK, "--model NAME")
+    name = meta.get("model")
+    if name not in MODEL_NAMES:
+        raise UserError(f"{args.onnx}: its metadata names no colorize model (model={name!r})")
+    if args.model is not None and args.model != name:
+        raise UserError(f"{args.onnx}: holds a {name} model, not --model {args.model}")
+    graph = OrtModel(sess)
+    h, w = graph.shape[1:3]
+    if isinstance(h, int) and isinstance(w, int):
+        if args.size is not None and (args.size, args.size) != (h, w):
+            raise UserError(f"--size {args.size}: {args.onnx} takes {h}x{w} images; leave --size out, or export "
+                            f"with --size {args.size} {args.size} or --dynamic-size")
+        size = (h, w)
+    else:                                       # exported with --dynamic-size: any multiple of 16
+        size = (args.size, args.size) if args.size else traced_size(meta, args.onnx)
+    check_size(name, size, f"--size {args.size}" if args.size else str(args.onnx))
+    return graph, {"model": name, "width": meta.get("width", "?"), "source": f"ONNX Runtime, {args.onnx.name}"}, size
+
+
 # ---------------------------------------------------------------- inputs
 def collect_inputs(item: Path) -> list[Path]:
     if item.suffix.lower() == ".csv" and item.is_file():
@@ -102,7 +155,9 @@ def output_names(paths: list[Path]) -> list[str]:
 
 
 class InputImages(Dataset):
-    def __init__(self, paths: list[Path], size: int):
+    """(image resized to `size` = (h, w) in [0, 1], the image's own (h, w))."""
+
+    def __init__(self, paths: list[Path], size: tuple[int, int]):
         self.paths, self.size = paths, size
 
     def __len__(self):
@@ -110,7 +165,7 @@ class InputImages(Dataset):
 
     def __getitem__(self, i):
         rgb = load_rgb(self.paths[i])
-        return to_tensor(resize_u8(rgb, (self.size, self.size))), torch.tensor(rgb.shape[:2])
+        return to_tensor(resize_u8(rgb, self.size)), torch.tensor(rgb.shape[:2])
 
 
 # ---------------------------------------------------------------- output
@@ -141,16 +196,22 @@ def main(argv=None):
     check_output_dir(args.out, names, args.overwrite)
     if zip_path is not None:
         check_output_file(zip_path, args.overwrite, flag="--zip")
-    net, info = load_model(args.weights, args.model)
-    size = args.size or info["img_size"] or ORIGINAL_SIZE
-    if args.size is None and info["img_size"] is None:
-        print(f"note: the weights do not record their training size: using {ORIGINAL_SIZE} (the original's "
-              f"default); give --size to match how they were trained")
-    device = select_device(args.device)
-    # NHWC suits cuDNN; on the CPU both layouts run at about the same speed
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = net.to(device, memory_format=layout)
-    print(f"{info['model']} width {info['width']} ({info['source']}) at {size}x{size}: {len(paths)} image(s) "
+    if args.engine == "onnxruntime":
+        graph, info, size = load_onnx(args)
+        device, layout = torch.device("cpu"), torch.contiguous_format   # ONNX Runtime takes host memory
+    else:
+        net, info = load_model(args.weights, args.model)
+        side = args.size or info["img_size"] or ORIGINAL_SIZE
+        if args.size is None and info["img_size"] is None:
+            print(f"note: the weights do not record their training size: using {ORIGINAL_SIZE} (the original's "
+                  f"default); give --size to match how they were trained")
+        size = (side, side)
+        check_size(info["model"], size, f"--size {side}")
+        device = select_device(args.device)
+        # NHWC suits cuDNN; on the CPU both layouts run at about the same speed
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        graph = ColorizeGraph(net).to(device, memory_format=layout).eval()
+    print(f"{info['model']} width {info['width']} ({info['source']}) at {size[0]}x{size[1]}: {len(paths)} image(s) "
           f"from {args.input}")
 
     make_output_dir(args.out)
@@ -158,7 +219,7 @@ def main(argv=None):
     done = 0
     with torch.inference_mode():
         for x, hw in tqdm(loader, desc="restoring", leave=False, disable=len(loader) < 2):
-            pred = net(x.to(device).contiguous(memory_format=layout)).cpu()
+            pred = graph(x.to(device).contiguous(memory_format=layout))[0].cpu()
             for p, (h, w) in zip(pred, hw.tolist()):
                 save_image(args.out / names[done], restore_to_size(p, (h, w)))
                 done += 1

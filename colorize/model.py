@@ -102,7 +102,11 @@ class UNet(nn.Module):
 # ---------------------------------------------------------------- ImprovedUNet
 def _instance_norm_(x: torch.Tensor) -> torch.Tensor:
     """InstanceNorm2d(affine=False) as GroupNorm with a group per channel: the same per-(image,
-    channel) mean and biased variance, and it keeps the memory format."""
+    channel) mean and biased variance, and it keeps the memory format. In an ONNX export it is
+    F.instance_norm, one InstanceNormalization node (the tracer would make GroupNorm's group count
+    a shape computation, which its symbolic refuses, and wrap it in reshapes)."""
+    if torch.onnx.is_in_onnx_export():
+        return F.instance_norm(x, eps=IN_EPS)
     return F.group_norm(x, x.shape[1], eps=IN_EPS)
 
 
@@ -141,8 +145,11 @@ def _conv_norm(conv: nn.Conv2d, x: torch.Tensor, act: bool) -> torch.Tensor:
     """conv -> InstanceNorm [-> LeakyReLU(0.2)]; the conv bias cancels in the norm, so it is skipped."""
     y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
     if act:
-        return _InstanceNormLeakyReLU.apply(y, LEAKY_SLOPE) if torch.is_grad_enabled() else \
-            F.leaky_relu_(_instance_norm_(y), LEAKY_SLOPE)
+        # the autograd.Function only where a backward may follow; inference and ONNX export
+        # (which must not trace a Python function) run the plain ops
+        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            return _InstanceNormLeakyReLU.apply(y, LEAKY_SLOPE)
+        return F.leaky_relu_(_instance_norm_(y), LEAKY_SLOPE)
     return _instance_norm_(y)
 
 

@@ -300,10 +300,13 @@ def bench_onnx(args) -> list[dict]:
     """ONNX Runtime (CPU provider, same thread count) against PyTorch on the CPU for the graphs
     infer.py runs (pre/post-processing included; the DRN-D-54 models BN-folded as infer.py loads
     them), at each model's usual batch and size: CRBL 32 x 128^2, battery classifiers 8 x 512^2,
-    deeplab_seg 4 windows of 640^2 (--quick: 128^2, batch 2). Alternating, median per engine."""
+    deeplab_seg 4 windows of 640^2, the colorize U-Nets (width 64, the original's) 8 x 128^2 (--quick:
+    128^2, batch 2). Alternating, median per engine."""
     from battery_ct.deploy import BatteryGraph, graph_spec
     from battery_ct.model import MODEL_NAMES, build_model, fuse_for_inference
     from battery_ct.train import normalization
+    from colorize.deploy import export_spec as colorize_spec
+    from colorize.model import MODEL_NAMES as COLORIZE_MODELS, build_model as build_colorize
     from common.onnx import OrtModel, export, session
     from crbl.deploy import CRBLProbability, export_spec as crbl_spec
     from crbl.infer import cpu_streams
@@ -312,6 +315,7 @@ def bench_onnx(args) -> list[dict]:
     threads = torch.get_num_threads()
     cases = [("crbl_crop", 32, 128)] + [(n, 4 if n == "deeplab_seg" else 8, 640 if n == "deeplab_seg" else 512)
                                         for n in MODEL_NAMES]
+    cases += [(f"colorize_{n}", 8, 128) for n in COLORIZE_MODELS]     # colorize/infer.py's batch, the original's size
     if args.quick:
         cases = [(n, 2, 128) for n, _, _ in cases]
     if args.models:
@@ -324,6 +328,10 @@ def bench_onnx(args) -> list[dict]:
                 torch.save(CRBL().state_dict(), Path(tmp) / "crbl.pth")
                 spec = crbl_spec(Path(tmp) / "crbl.pth", "crop", (size, size))
                 graph = CRBLProbability(spec.module.model, cpu_streams()).eval()   # as crbl/infer.py runs it
+            elif name.startswith("colorize_"):
+                torch.save(build_colorize(name[len("colorize_"):]).state_dict(), Path(tmp) / "colorize.pth")
+                spec = colorize_spec(Path(tmp) / "colorize.pth", None, (size, size))
+                graph = spec.module                                 # as colorize/infer.py runs it
             else:
                 model = build_model(name).eval()
                 cfg = {"model": name, "num_classes": 4 if name == "deeplab_seg" else 5, "image_size": size,
@@ -336,6 +344,7 @@ def bench_onnx(args) -> list[dict]:
                                       threads=threads, verbose=False))
             inputs = spec.make_inputs(bs, torch.Generator().manual_seed(0))
             heavy = name in ("deeplabv3", "deeplab_seg", "drn_aspp", "convnext_tiny") and not args.quick
+            heavy = heavy or (name.startswith("colorize_") and not args.quick)
             reps = 1 if heavy else args.repeats
             with torch.inference_mode():
                 ref = graph(*inputs)

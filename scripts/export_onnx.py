@@ -28,7 +28,7 @@ from common.io import UserError, check_output_file, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
-TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy"}
+TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "colorize": "colorize.deploy"}
 
 
 def parse_args(argv=None):
