@@ -38,13 +38,13 @@ if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: 
 
 from colorize.data import TASK, load_rgb, read_inputs, resize_tensor, resize_u8, to_tensor, to_u8
 from colorize.deploy import ColorizeGraph, check_size
-from colorize.model import MODEL_NAMES, build_model, load_original_state, load_state_strict
+from colorize.model import MODEL_NAMES, build_model, load_original_state
 from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, int_range)
 from common.data import list_images
 from common.device import select_device
-from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_untrusted, make_output_dir,
-                       run_cli, save_image)
+from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_state_strict, load_untrusted,
+                       make_output_dir, run_cli, save_image)
 from common.onnx import OrtModel, add_engine_args, check_task, session
 
 ORIGINAL_SIZE = 128   # the original's default resolution

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.io import UserError, load_state_strict, strip_wrapper_prefixes  # noqa: F401 (load_state_strict: used by infer/train)
+from common.io import UserError, strip_wrapper_prefixes
 
 MODEL_NAMES = ("unet", "improved_unet")
 ORIGINAL_WIDTH = 64
