@@ -300,8 +300,11 @@ def bench_onnx(args) -> list[dict]:
     """ONNX Runtime (CPU provider, same thread count) against PyTorch on the CPU for the graphs
     infer.py runs (pre/post-processing included; the DRN-D-54 models BN-folded as infer.py loads
     them), at each model's usual batch and size: CRBL 32 x 128^2, battery classifiers 8 x 512^2,
-    deeplab_seg 4 windows of 640^2, the colorize U-Nets (width 64, the original's) 8 x 128^2 (--quick:
-    128^2, batch 2). Alternating, median per engine."""
+    deeplab_seg 4 windows of 640^2, spectral 256 structures of 128^2 (infer.py's default batch;
+    PyTorch channels_last as infer.py runs it), the colorize U-Nets (width 64, the original's)
+    8 x 128^2 (--quick: 128^2, batch 2). Alternating, median per engine."""
+    import copy
+
     from battery_ct.deploy import BatteryGraph, graph_spec
     from battery_ct.model import MODEL_NAMES, build_model, fuse_for_inference
     from battery_ct.train import normalization
@@ -311,11 +314,15 @@ def bench_onnx(args) -> list[dict]:
     from crbl.deploy import CRBLProbability, export_spec as crbl_spec
     from crbl.infer import cpu_streams
     from crbl.model import CRBL
+    from spectral.config import check_config
+    from spectral.deploy import SpectraGraph, graph_spec as spectral_spec
+    from spectral.model import build_model as build_spectral
 
     threads = torch.get_num_threads()
     cases = [("crbl_crop", 32, 128)] + [(n, 4 if n == "deeplab_seg" else 8, 640 if n == "deeplab_seg" else 512)
                                         for n in MODEL_NAMES]
     cases += [(f"colorize_{n}", 8, 128) for n in COLORIZE_MODELS]     # colorize/infer.py's batch, the original's size
+    cases += [(f"spectral_{n}", 256, 128) for n in ("cnn_xattn", "cnn_gru")]
     if args.quick:
         cases = [(n, 2, 128) for n, _, _ in cases]
     if args.models:
@@ -332,6 +339,13 @@ def bench_onnx(args) -> list[dict]:
                 torch.save(build_colorize(name[len("colorize_"):]).state_dict(), Path(tmp) / "colorize.pth")
                 spec = colorize_spec(Path(tmp) / "colorize.pth", None, (size, size))
                 graph = spec.module                                 # as colorize/infer.py runs it
+            elif name.startswith("spectral_"):
+                model_name = name.removeprefix("spectral_")
+                torch.manual_seed(0)
+                model = build_spectral(model_name).eval()
+                cfg = check_config({"model": {"name": model_name}}, "bench", training=False)
+                spec = spectral_spec(model, cfg, (size, size), Path("random"))
+                graph = SpectraGraph(copy.deepcopy(model).to(memory_format=torch.channels_last), True).eval()
             else:
                 model = build_model(name).eval()
                 cfg = {"model": name, "num_classes": 4 if name == "deeplab_seg" else 5, "image_size": size,
@@ -343,17 +357,19 @@ def bench_onnx(args) -> list[dict]:
             runner = OrtModel(session(export(spec, batch=2, dynamic_batch=True), ["CPUExecutionProvider"],
                                       threads=threads, verbose=False))
             inputs = spec.make_inputs(bs, torch.Generator().manual_seed(0))
-            heavy = name in ("deeplabv3", "deeplab_seg", "drn_aspp", "convnext_tiny") and not args.quick
-            heavy = heavy or (name.startswith("colorize_") and not args.quick)
+            torch_inputs = tuple(t.contiguous(memory_format=torch.channels_last) for t in inputs) \
+                if name.startswith("spectral_") else inputs
+            heavy = (name in ("deeplabv3", "deeplab_seg", "drn_aspp", "convnext_tiny")
+                     or name.startswith(("spectral_", "colorize_"))) and not args.quick
             reps = 1 if heavy else args.repeats
             with torch.inference_mode():
-                ref = graph(*inputs)
+                ref = graph(*torch_inputs)
                 got = runner(*inputs)
                 diff = max(float((g.double() - r.double()).abs().max()) for g, r in zip(got, ref)
                            if r.dtype.is_floating_point)
                 t_torch, t_ort = [], []
                 for _ in range(2 if heavy else 3):       # alternating rounds
-                    t_torch.append(timed(lambda: graph(*inputs), reps))
+                    t_torch.append(timed(lambda: graph(*torch_inputs), reps))
                     t_ort.append(timed(lambda: runner(*inputs), reps))
             tt, to = statistics.median(t_torch), statistics.median(t_ort)
             rows.append({"model": name, "batch": bs, "size": size, "torch_img_s": bs / tt, "onnxruntime_img_s": bs / to,

@@ -4,6 +4,8 @@
   python scripts/export_onnx.py --task crbl --weights converted_full.pth --model full --out crbl_full.onnx
   python scripts/export_onnx.py --task battery_ct --weights runs/battery_ct/hdcnn-*/best.pt --out hdcnn.onnx
   python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
+  python scripts/export_onnx.py --task spectral --weights runs/spectral/cnn_xattn-*/best.pt --out xattn.onnx
+  python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
 
 The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
 image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,8 @@ from common.io import UserError, check_output_file, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
-TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "colorize": "colorize.deploy"}
+TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "spectral": "spectral.deploy",
+         "colorize": "colorize.deploy"}
 
 
 def parse_args(argv=None):
@@ -37,19 +41,22 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=Path, required=True, help="a training checkpoint (best.pt) or a converted .pth")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--model", help="crbl: crop | full; battery_ct: the model name (read from a training "
-                                   "checkpoint; needed for a converted file)")
+                                   "checkpoint; needed for a converted file); spectral: checked against the weights")
+    p.add_argument("--config", type=Path,
+                   help="spectral: the YAML config of a CR_recon checkpoint (as infer.py --config)")
     p.add_argument("--size", type=int_range(16, 8192), nargs=2, metavar=("H", "W"),
                    help="input height and width (default: the model's size: crbl 128x128, battery_ct the "
-                        "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window)")
+                        "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window; "
+                        "spectral 128x128)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed, --batch-size)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="the fixed batch size without --dynamic-batch")
     p.add_argument("--dynamic-size", action="store_true",
-                   help="any input height and width (battery_ct deeplab_seg and the classifiers; not crbl or ae, "
-                        "whose graphs hold size-dependent constants)")
+                   help="any input height and width (battery_ct deeplab_seg and the classifiers, spectral cnn_gru; not "
+                        "crbl, ae or cnn_xattn, whose graphs hold size-dependent constants)")
     p.add_argument("--opset", type=int_range(13, MAX_OPSET), default=DEFAULT_OPSET)
     p.add_argument("--tolerance", type=float_range(0, 1, lo_open=True), default=None,
                    help="refuse to write if max |ONNX Runtime - PyTorch| / max(1, max |PyTorch|) exceeds this "
-                        "(default: the model's, 1e-5 for CRBL probabilities, 1e-4 for the battery models)")
+                        "(default: the model's, 1e-5 for CRBL probabilities, 1e-4 for the battery and spectral models)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_threads_arg(p)
     return p.parse_args(argv)
@@ -60,7 +67,10 @@ def main(argv=None):
     apply_runtime_args(args)
     out = check_output_file(args.out, args.overwrite)
     deploy = importlib.import_module(TASKS[args.task])
-    spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None)
+    extra = {} if args.config is None else {"config": args.config}
+    if extra and "config" not in inspect.signature(deploy.export_spec).parameters:
+        raise UserError(f"--config: --task {args.task} reads its model from --weights (and --model), not a config")
+    spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None, **extra)
     tolerance = args.tolerance or spec.tolerance
     batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@
       --structs S.npy --out P.npy                    # a CR_recon checkpoint: its config names the model
   python spectral/infer.py --weights best.pt --structs pngs/ --out P.npy --csv P.csv --plot plots/
   python spectral/infer.py --weights best.pt --structs S.npy --out P.npy --evaluate spectra_latest_0.npy
+  python spectral/infer.py --engine onnxruntime --onnx xattn.onnx --structs S.npy --out P.npy   # scripts/export_onnx.py
 
 --structs: a .npy of shape (N,1,128,128) or (N,128,128) with values 0/1 (any integer, bool or float
 type), or a folder (or file) of 128x128 black-and-white PNGs. The model sees structure*2-1 (CR_recon's
@@ -16,6 +17,8 @@ CR_recon's sign flip (positive), at the wavelengths `--csv` lists (400, 410, 420
 with --config for the model (the config's data files need not exist).
 --evaluate: ground truth, raw (N,3,301) spectra (rows that are all zero are skipped) or (N,2,2,out_len)
 targets; writes the metrics (loss of the config, MSE, mean Pearson r, RMSE per colour) as JSON.
+--engine onnxruntime --onnx FILE runs an exported model (the same graph, spectral/deploy.py, with the
+same outputs and files); its model, input mapping and loss come from the file.
 """
 from __future__ import annotations
 
@@ -35,17 +38,20 @@ from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, appl
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import select_device
 from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
-                       load_untrusted, run_cli)
+                       load_untrusted, one_line, run_cli)
+from common.onnx import OrtModel, add_engine_args, check_task, session
 from spectral.config import check_config, load_config
 from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
-from spectral.losses import CELL_NAMES, build_loss, finish_metrics, spectral_metrics
-from spectral.model import build_model, describe_weights, load_state_dict_checked
+from spectral.deploy import TASK, SpectraGraph
+from spectral.losses import CELL_NAMES, build_loss, check_loss_params, finish_metrics, spectral_metrics
+from spectral.model import MODEL_NAMES, build_model, check_model_params, describe_weights, load_state_dict_checked
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", type=Path, required=True, help="best.pt / last.pt, or a CR_recon checkpoint")
-    p.add_argument("--config", type=Path, help="YAML config with the model (needed for CR_recon checkpoints)")
+    p.add_argument("--weights", type=Path, help="best.pt / last.pt, or a CR_recon checkpoint (PyTorch engine)")
+    p.add_argument("--config", type=Path, help="YAML config with the model (needed for CR_recon checkpoints; "
+                                               "with --onnx, checked against the file)")
     p.add_argument("--structs", type=Path, required=True, help=".npy of structures, or a folder of PNGs")
     p.add_argument("--out", type=Path, help="predictions .npy (default runs/spectral/predictions-<time>.npy)")
     p.add_argument("--csv", type=Path, help="also write the predictions as CSV (one row per structure and cell)")
@@ -54,12 +60,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evaluate", type=Path, metavar="SPECTRA", help="ground-truth spectra: write metrics JSON")
     p.add_argument("--metrics", type=Path, help="metrics JSON path (default: OUT with .metrics.json)")
     p.add_argument("--batch-size", type=int_range(1, 65536), default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-channels-last", action="store_true", help="NCHW activations (channels_last is faster on CPUs)")
+    p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="PyTorch engine: NCHW activations (channels_last is faster on CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_threads_arg(p)
     add_max_pixels_arg(p)
-    return p.parse_args(argv)
+    add_engine_args(p, default_engine=None)
+    args = p.parse_args(argv)
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    if args.engine == "onnxruntime":
+        if args.onnx is None or args.weights is not None:
+            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
+                    "not --weights")
+    elif args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    elif args.weights is None:
+        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    return args
 
 
 # ---------------------------------------------------------------- model
@@ -92,6 +111,45 @@ def load_model(weights: Path, config: Path | None) -> tuple[torch.nn.Module, dic
     model = build_model(name, **params)
     load_state_dict_checked(model, name, params, strip_wrapper_prefixes(sd)[0], weights)
     return model.eval(), cfg
+
+
+def load_onnx(args) -> tuple[OrtModel, dict]:
+    """(the exported graph, the config it was exported with: model, data.map_to_pm1, loss) from an
+    exported file; a file of another task, an unknown model or a size infer.py cannot feed is
+    refused, and so is a --config that asks for another model or input mapping."""
+    sess = session(args.onnx, args.providers, args.threads)
+    meta = check_task(sess, args.onnx, TASK, "--weights best.pt")
+    name = meta.get("model")
+    if name not in MODEL_NAMES:
+        raise UserError(f"{args.onnx}: its metadata names no spectral model (model={name!r})")
+    try:
+        params = check_model_params(name, json.loads(meta["model_params"]))
+        loss = json.loads(meta["loss"])
+        pm1 = json.loads(meta["map_to_pm1"])
+        if not isinstance(pm1, bool):
+            raise ValueError(f"map_to_pm1 {pm1!r}")
+        cfg = {"model": {"name": name, "params": params}, "data": {"map_to_pm1": pm1},
+               "loss": {"name": loss["name"], "params": check_loss_params(loss["name"], loss["params"])}}
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise UserError(f"{args.onnx}: incomplete spectral metadata ({one_line(str(e))}); export it again with "
+                        f"scripts/export_onnx.py") from None
+    graph = OrtModel(sess)
+    fixed = all(isinstance(d, int) for d in graph.shape[1:3])
+    if fixed and tuple(graph.shape[1:3]) != STRUCT_SHAPE[1:]:
+        raise UserError(f"{args.onnx}: the model takes {graph.shape[1]}x{graph.shape[2]} structures; infer.py reads "
+                        f"128x128 ones (export it without --size)")
+    out_len = sess.get_outputs()[0].shape[-1]
+    if out_len != params["out_len"]:
+        raise UserError(f"{args.onnx}: outputs {out_len} wavelengths, its metadata says out_len {params['out_len']}")
+    if args.config is not None:
+        given = load_config(args.config, training=False)
+        if given["model"] != cfg["model"]:
+            raise UserError(f"{args.onnx}: holds {name} {params}, but {args.config} asks for "
+                            f"{given['model']['name']} {given['model']['params']}")
+        if given["data"]["map_to_pm1"] != cfg["data"]["map_to_pm1"]:
+            raise UserError(f"{args.onnx}: maps structures with map_to_pm1 {cfg['data']['map_to_pm1']}, but "
+                            f"{args.config} sets {given['data']['map_to_pm1']} (export it again with that config)")
+    return graph, cfg
 
 
 # ---------------------------------------------------------------- structures
@@ -166,17 +224,16 @@ def open_structures(path: Path):
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, structs, device: torch.device, batch_size: int, map_to_pm1: bool,
-            channels_last: bool) -> np.ndarray:
+def predict(graph, structs, device: torch.device, batch_size: int, channels_last: bool) -> np.ndarray:
+    """Spectra per structure; `graph` is SpectraGraph (PyTorch) or its exported OrtModel: structures
+    in {0, 1} in."""
     out = []
     for start in tqdm(range(0, len(structs), batch_size), desc="predict", leave=False,
                       disable=len(structs) <= batch_size):
         x = torch.from_numpy(structs.batch(start, min(start + batch_size, len(structs)))).to(device)
-        if map_to_pm1:
-            x = x * 2.0 - 1.0
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu().numpy())
+        out.append(graph(x)[0].cpu().numpy())
     return np.concatenate(out)
 
 
@@ -250,24 +307,30 @@ def main(argv=None):
     if args.plot:
         check_output_dir(args.plot, [f"spectra_{i:05d}.png" for i in range(args.plot_max)], args.overwrite, "--plot")
 
-    model, cfg = load_model(args.weights, args.config)
+    if args.engine == "onnxruntime":
+        graph, cfg = load_onnx(args)
+        device, channels_last = torch.device("cpu"), False   # ONNX Runtime takes host memory; the provider picks
+    else:
+        model, cfg = load_model(args.weights, args.config)
+        device = select_device(args.device)
+        channels_last = not args.no_channels_last and device.type == "cpu"
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        graph = SpectraGraph(model, cfg["data"]["map_to_pm1"]).eval()
     structs = open_structures(args.structs)
     out_len = cfg["model"]["params"]["out_len"]
     truth = ground_truth(args.evaluate, len(structs), out_len) if args.evaluate else None
-    device = select_device(args.device)
-    channels_last = not args.no_channels_last and device.type == "cpu"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    pred = predict(model, structs, device, args.batch_size, cfg["data"]["map_to_pm1"], channels_last)
+    pred = predict(graph, structs, device, args.batch_size, channels_last)
     seconds = time.perf_counter() - t0
 
     buf = io.BytesIO()
     np.save(buf, pred.astype(np.float32))
     with atomic_open(out, "wb") as f:
         f.write(buf.getbuffer())
-    print(f"{len(pred)} structure(s) in {seconds:.2f} s ({len(pred) / seconds:.1f}/s) with {cfg['model']['name']}; "
+    print(f"{len(pred)} structure(s) in {seconds:.2f} s ({len(pred) / seconds:.1f}/s) with {cfg['model']['name']}"
+          f"{' (onnxruntime)' if args.engine == 'onnxruntime' else ''}; "
           f"predictions {tuple(pred.shape)} written to {out}")
     if args.csv:
         write_csv(args.csv, structs.names, pred)
@@ -283,7 +346,7 @@ def main(argv=None):
                    **{k.removeprefix("val_"): v for k, v in finish_metrics(spectral_metrics(p, t)).items()},
                    "structures": len(pred), "evaluated": int(len(keep)),
                    "skipped_not_simulated": int(len(pred) - len(keep)),
-                   "weights": str(args.weights), "ground_truth": str(args.evaluate)}
+                   "weights": str(args.weights or args.onnx), "ground_truth": str(args.evaluate)}
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         print(f"metrics on {len(keep)} structure(s): loss {metrics['loss']:.4g}, mse {metrics['mse']:.4g}, "
               f"pearson r {metrics['pearson_r']:.3f}; written to {metrics_path}")

@@ -54,19 +54,7 @@ class _WrapPad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: int) -> torch.Tensor:
         ctx.p = p
-        if x.is_contiguous():
-            return F.pad(x, (p, p, p, p), mode="circular")
-        # channels_last: F.pad would return a contiguous tensor and every convolution would then
-        # convert it back; fill a channels_last tensor instead (centre, rows, then whole columns)
-        n, c, h, w = x.shape
-        out = torch.empty((n, c, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        out[:, :, p:-p, p:-p] = x
-        out[:, :, :p, p:-p] = x[:, :, -p:]
-        out[:, :, -p:, p:-p] = x[:, :, :p]
-        out[..., :p] = out[..., -2 * p:-p]
-        out[..., -p:] = out[..., p:2 * p]
-        return out
+        return _wrap_pad_forward(x, p)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -80,7 +68,29 @@ class _WrapPad(torch.autograd.Function):
         return out, None
 
 
+def _wrap_pad_forward(x: torch.Tensor, p: int) -> torch.Tensor:
+    if x.is_contiguous():
+        return F.pad(x, (p, p, p, p), mode="circular")
+    # channels_last: F.pad would return a contiguous tensor and every convolution would then
+    # convert it back; fill a channels_last tensor instead (centre, rows, then whole columns)
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    out[:, :, p:-p, p:-p] = x
+    out[:, :, :p, p:-p] = x[:, :, -p:]
+    out[:, :, -p:, p:-p] = x[:, :, :p]
+    out[..., :p] = out[..., -2 * p:-p]
+    out[..., -p:] = out[..., p:2 * p]
+    return out
+
+
 def wrap_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    if torch.jit.is_tracing():
+        # ONNX export: the circular pad as Slice + Concat, the same numbers; a graph must hold plain
+        # operators, not a Python autograd node, nor the in-place channels_last fill
+        return F.pad(x, (p, p, p, p), mode="circular")
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _wrap_pad_forward(x, p)       # no gradient wanted: no autograd node either
     return _WrapPad.apply(x, p)
 
 
