@@ -14,7 +14,6 @@ x 255, rounded half to even, 8-bit PNG; colorize.infer.restore_to_size).
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -84,10 +83,6 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
         size = (int(info["img_size"] or ORIGINAL_SIZE),) * 2
     size = tuple(size)
     check_size(info["model"], size, f"--size {size[0]} {size[1]}")
-    # InstanceNormalization always uses the image's own statistics, which is what InstanceNorm2d
-    # without running statistics does in eval mode too: the exporter's note about train=True is moot
-    warnings.filterwarnings("ignore", message=r"ONNX export mode is set to TrainingMode\.EVAL, but operator "
-                                              r"'instance_norm'")
 
     def make_inputs(batch: int, g: torch.Generator, hw: tuple[int, int] = size) -> tuple[torch.Tensor]:
         return (torch.rand(batch, 3, *hw, generator=g),)

@@ -82,6 +82,12 @@ def export(spec: ExportSpec, *, batch: int, dynamic_batch: bool, opset: int = DE
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding")   # ONNX Runtime folds what is left
+            # GRU: the batch is dynamic and checked at 1 and 3 after the export anyway
+            warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+            # InstanceNormalization always uses each image's own statistics, as InstanceNorm2d
+            # without running statistics does in eval mode too
+            warnings.filterwarnings("ignore", message=r"ONNX export mode is set to TrainingMode\.EVAL, but operator "
+                                                      r"'instance_norm'")
             torch.onnx.export(module, example, buf, dynamo=False, opset_version=opset, input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=axes, do_constant_folding=True)
     finally:

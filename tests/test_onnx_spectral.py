@@ -39,8 +39,7 @@ from tests.spectral_ref.checkpoints import original_checkpoint, save_claiming_cu
 
 # the TorchScript exporter warns about every GRU that a batch other than the traced one "can cause an
 # error"; the cnn_gru file is run at batch 1 and 3 below (and by export_onnx.py before it writes)
-pytestmark = [pytest.mark.filterwarnings("ignore:Exporting a model to ONNX with a batch_size other than 1"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")]   # the exporter's own tracer
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")]   # the exporter's own tracer
 REL_TOL = 1e-4
 PARAMS = {
     "cnn_xattn": {"out_len": 20, "d_model": 64, "nhead": 4, "dec_layers": 2, "ff_mult": 2, "cnn_dropout": 0.05,
