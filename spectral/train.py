@@ -359,8 +359,12 @@ def main(argv=None):
         result = trainer.fit(resume=args.resume)
         if dashboard is not None and args.dashboard_keep > 0:
             print(f"dashboard stays up for {args.dashboard_keep:g} s at {dashboard.url} (Ctrl-C to stop)", flush=True)
+            # short sleeps: Ctrl-C may be delivered to one of TensorBoard's threads, and Python then runs
+            # its handler only when the main thread wakes up (one long sleep would ignore it to the end)
+            deadline = time.monotonic() + args.dashboard_keep
             try:
-                time.sleep(args.dashboard_keep)
+                while (left := deadline - time.monotonic()) > 0:
+                    time.sleep(min(left, 0.2))
             except KeyboardInterrupt:
                 pass
     finally:
