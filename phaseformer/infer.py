@@ -3,6 +3,7 @@
   python phaseformer/infer.py --weights runs/phaseformer/.../best.pt photos/ --out restored/
   python phaseformer/infer.py --weights best.pt photos/ --gt references/ --metrics   # + PSNR/SSIM
   python phaseformer/infer.py --weights uieb.pth --preset official photos/           # release weights
+  python phaseformer/infer.py --engine onnxruntime --onnx pf.onnx photos/ --out restored/   # scripts/export_onnx.py
 
 --weights takes one of our checkpoints (best.pt / last.pt), a converted file
 (scripts/convert_phaseformer.py), or an official release file / training-script state_dict
@@ -16,6 +17,13 @@ Presets:
   official: what the release's test.py does, for its checkpoints: bicubic resize to 512x512,
       inputs in [-1, 1], the 2x head (a 1024x1024 output), saved as (x+1)/2*255 clipped and
       truncated to 8 bits.
+--engine onnxruntime --onnx FILE runs an exported graph (phaseformer/deploy.py, the `ours` preset,
+the head it was exported with) through the same padding, tiling, blending and rounding. A file
+exported with --dynamic-size takes every tile as the PyTorch engine does, and the PNGs equal that
+engine's to one level (the engines' floats differ by ~1e-6). A file of one size (--size S S) is fed
+tiles of exactly S x S (--tile is S): images and edge tiles smaller than that are padded up to it by
+reflection and cropped back, which changes what the global phase attention sees, so those outputs
+differ from the PyTorch engine's (equal where every tile is S x S).
 --metrics with --gt DIR (reference images with the same names, the output's size) writes
 metrics.csv and metrics.json: PSNR (RGB, data range 1) and SSIM (Gaussian window 11, sigma 1.5,
 per channel), for the restored image and, as the baseline, for the input itself.
@@ -36,24 +44,32 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python phaseformer/infer.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common import cli
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import AMP_CHOICES, amp_dtype, autocast, select_device
 from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image, run_cli,
                        save_image)
 from common.metrics import psnr, ssim
+from common.onnx import OrtModel, add_engine_args, check_task, session
+from phaseformer.deploy import HEADS, TASK
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
 from phaseformer.official import load_weights
 
 OFFICIAL_SIZE = 512
 MIN_SIDE = DOWNSAMPLE_FACTOR
+DEFAULT_TILE = 512
 
 
 # ---------------------------------------------------------------- model application
-def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLE_FACTOR) -> tuple[torch.Tensor, int, int]:
-    """Pad bottom/right to multiples of `multiple` (reflection where the image allows it)."""
+def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLE_FACTOR,
+                    at_least: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, int, int]:
+    """Pad bottom/right to multiples of `multiple`, and to at least `at_least` (reflection where the
+    image allows it)."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw = max(-h % multiple, at_least[0] - h), max(-w % multiple, at_least[1] - w)
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
@@ -68,6 +84,49 @@ def run_model(model, x: torch.Tensor, head: str, device: torch.device, dtype=Non
     with autocast(device, dtype):
         out = model(padded.to(device), head=head)
     return out[..., : scale * h, : scale * w].float().cpu()
+
+
+class OrtRestorer:
+    """An exported graph called as infer.py calls the model: restorer(x, head=...) -> output. A file
+    of one size gets every input padded up to that size, and the output cropped back."""
+
+    def __init__(self, graph: OrtModel, head: str, fixed: tuple[int, int] | None, path: Path):
+        self.graph, self.head, self.fixed, self.path = graph, head, fixed, path
+
+    def __call__(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        if head != self.head:
+            raise UserError(f"{self.path}: exported with the {self.head} head, not {head}")
+        if self.fixed is None:
+            return self.graph(x)[0]
+        padded, h, w = pad_to_multiple(x, at_least=self.fixed)
+        s = 2 if head == "2x" else 1
+        return self.graph(padded)[0][..., : s * h, : s * w]
+
+
+def load_onnx(args) -> tuple[OrtRestorer, dict, int]:
+    """(the exported graph as infer.py calls it, {'kind'}, the tile size); a file of another task,
+    another head than --head, or one size that --tile contradicts, is refused."""
+    sess = session(args.onnx, args.providers, args.threads)
+    meta = check_task(sess, args.onnx, TASK, "[--head 2x] [--dynamic-size]")
+    head = meta.get("head")
+    if head not in HEADS:
+        raise UserError(f"{args.onnx}: its metadata names no Phaseformer head (head={head!r})")
+    if args.head is not None and args.head != head:
+        raise UserError(f"--head {args.head}: {args.onnx} returns the {head} head; export one with "
+                        f"--head {args.head}")
+    graph = OrtModel(sess)
+    h, w = graph.shape[1:3]
+    tile = args.tile or DEFAULT_TILE
+    fixed = None
+    if isinstance(h, int) and isinstance(w, int):
+        if h != w or h < 64:
+            raise UserError(f"{args.onnx}: takes {h}x{w} images only; infer.py feeds square tiles of at least "
+                            f"64 px: export with --size S S or --dynamic-size")
+        if args.tile is not None and args.tile != h:
+            raise UserError(f"--tile {args.tile}: {args.onnx} takes {h}x{w} tiles only; leave --tile out, or export "
+                            f"with --size {args.tile} {args.tile} or --dynamic-size")
+        fixed, tile = (h, w), h
+    return OrtRestorer(graph, head, fixed, args.onnx), {"kind": f"ONNX Runtime, {args.onnx.name}"}, tile
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -165,13 +224,14 @@ def _metrics(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
-    p.add_argument("--weights", type=Path, required=True,
-                   help="our checkpoint, a converted file, or an official release file")
+    p.add_argument("--weights", type=Path,
+                   help="our checkpoint, a converted file, or an official release file (PyTorch engine)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/phaseformer/infer-<time>)")
     p.add_argument("--preset", choices=("ours", "official"), default="ours")
     p.add_argument("--head", choices=("1x", "2x"), default=None, help="output head (default 1x; official: 2x)")
-    p.add_argument("--tile", type=cli.int_range(64), default=512,
-                   help="tile size in px for large images (a multiple of 8)")
+    p.add_argument("--tile", type=cli.int_range(64), default=None,
+                   help=f"tile size in px for large images (a multiple of 8; default {DEFAULT_TILE}, or the size "
+                        f"of an ONNX file exported for one size)")
     p.add_argument("--overlap", type=cli.NONNEG_INT, default=32, help="tile overlap in px (at most a quarter tile)")
     p.add_argument("--gt", type=Path, default=None, help="reference images (same names) for --metrics")
     p.add_argument("--metrics", action="store_true", help="PSNR / SSIM against --gt into metrics.csv/json")
@@ -180,20 +240,39 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
     cli.add_threads_arg(p)
     cli.add_max_pixels_arg(p)
-    return p.parse_args(argv)
+    add_engine_args(p, default_engine=None)
+    args = p.parse_args(argv)
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    if args.engine == "onnxruntime":
+        if args.onnx is None or args.weights is not None:
+            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
+                    "not --weights")
+    elif args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    elif args.weights is None:
+        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    return args
 
 
 def validate(args) -> None:
-    if args.tile % DOWNSAMPLE_FACTOR:
+    if args.tile is not None and args.tile % DOWNSAMPLE_FACTOR:
         raise UserError(f"--tile {args.tile}: must be a multiple of {DOWNSAMPLE_FACTOR}")
-    if args.overlap > args.tile // 4:
-        raise UserError(f"--overlap {args.overlap}: must be between 0 and a quarter of --tile ({args.tile // 4})")
+    tile = args.tile or DEFAULT_TILE
+    if args.overlap > tile // 4:
+        raise UserError(f"--overlap {args.overlap}: must be between 0 and a quarter of --tile ({tile // 4})")
     if args.metrics and args.gt is None:
         raise UserError("--metrics needs --gt DIR (reference images with the same names)")
     if args.gt is not None and not args.gt.is_dir():
         raise UserError(f"--gt {args.gt}: not a folder")
     if args.preset == "official" and args.head == "1x":
         raise UserError("--preset official uses the 2x head, as the release's test.py does")
+    if args.engine == "onnxruntime":
+        if args.preset == "official":
+            raise UserError("--preset official ([-1, 1] inputs, bicubic 512x512) runs in PyTorch only: give "
+                            "--weights; exported graphs are the ours preset")
+        if args.amp != "off":
+            raise UserError(f"--amp {args.amp}: PyTorch engine only (an exported graph runs in fp32)")
 
 
 def main(argv=None):
@@ -207,13 +286,20 @@ def main(argv=None):
                      args.overwrite)
     references = {name: find_reference(args.gt, name) for _, name in items} if args.metrics else {}
 
-    device = select_device(args.device)
-    dtype = amp_dtype(device, args.amp)
-    model = build_model()
-    info = load_weights(model, args.weights)
-    model = model.to(device).eval()
-    print(f"weights: {args.weights} ({info['kind']}); preset {args.preset}, {head} head"
-          + (f", tiles of {args.tile} px (overlap {args.overlap})" if args.preset == "ours" else ""))
+    if args.engine == "onnxruntime":
+        model, info, tile = load_onnx(args)
+        head = model.head
+        device, dtype = torch.device("cpu"), None         # ONNX Runtime takes host memory
+        source = args.onnx
+    else:
+        device = select_device(args.device)
+        dtype = amp_dtype(device, args.amp)
+        model = build_model()
+        info = load_weights(model, args.weights)
+        model = model.to(device).eval()
+        tile, source = args.tile or DEFAULT_TILE, args.weights
+    print(f"weights: {source} ({info['kind']}); preset {args.preset}, {head} head"
+          + (f", tiles of {tile} px (overlap {args.overlap})" if args.preset == "ours" else ""))
 
     rows = []
     for path, name in tqdm(items, desc="restoring", disable=len(items) < 2):
@@ -225,7 +311,7 @@ def main(argv=None):
             result = official_postprocess(run_model(model, official_preprocess(im), head, device, dtype))
         else:
             x = image_to_tensor(im)[None]
-            result = to_uint8(restore(model, x, head, args.tile, args.overlap, device, dtype))
+            result = to_uint8(restore(model, x, head, tile, args.overlap, device, dtype))
         save_image(out_dir / name, result)
         if args.metrics:
             ref_path = references[name]
@@ -250,7 +336,7 @@ def main(argv=None):
             w.writerow({"image": r["image"], **{k: f"{r[k]:.6f}" for k in keys}})
         atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
         atomic_write_text(out_dir / "metrics.json", json.dumps(
-            {"weights": str(args.weights), "preset": args.preset, "head": head, "mean": mean, "images": rows,
+            {"weights": str(source), "engine": args.engine, "preset": args.preset, "head": head, "mean": mean, "images": rows,
              "definitions": "PSNR on RGB in [0,1] (data range 1); SSIM: Gaussian window 11, sigma 1.5, "
                             "per channel, averaged; *_input: the input image itself as the restoration"},
             indent=2) + "\n")

@@ -42,10 +42,64 @@ def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def _index(line: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., n-1 (int64) for a 1-D tensor of length n, built from the tensor itself so that a
+    traced graph keeps n as the input's size rather than the traced constant."""
+    return torch.ones_like(line, dtype=torch.int64).cumsum(0) - 1
+
+
+def _dft_cos_sin(n_idx: torch.Tensor, k_idx: torch.Tensor, n: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2*pi*n*k/N, (len(n_idx), len(k_idx)). The product is reduced mod N in integers
+    first, so the angle stays in [0, 2*pi) and fp32 keeps its full precision at any N."""
+    angle = ((n_idx[:, None] * k_idx[None, :]) % n).to(dtype) * (2.0 * math.pi) / n.to(dtype)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def rfft2_matmul(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Re, Im) of torch.fft.rfft2(x), each (..., H, W//2+1), as three matrix products with cos/sin
+    DFT matrices: the ONNX form (see unit_spectrum). The matrices are computed from x's own H and W
+    in the graph (integer index products, Cos, Sin), so an exported graph takes any size; O(N^2)
+    per line instead of the FFT's O(N log N), which plain BLAS products make up for at tile sizes."""
+    h_idx, w_idx = _index(x[(0,) * (x.dim() - 2) + (slice(None), 0)]), _index(x[(0,) * (x.dim() - 1)])
+    h, w = h_idx[-1:] + 1, w_idx[-1:] + 1
+    k_idx = w_idx[: x.shape[-1] // 2 + 1]                     # the one-sided spectrum's columns
+    cos_w, sin_w = _dft_cos_sin(w_idx, k_idx, w, x.dtype)     # (W, W//2+1)
+    cos_h, sin_h = _dft_cos_sin(h_idx, h_idx, h, x.dtype)     # (H, H), symmetric
+    # along W (real input): x @ [cos | -sin] -> [re | im]; along H (complex): e^{-i t}(re + i im)
+    rows = x @ torch.cat([cos_w, -sin_w], 1)                  # (..., H, 2K)
+    by_cos, by_sin = cos_h @ rows, sin_h @ rows
+    k = k_idx.shape[0]
+    re = by_cos[..., :k] + by_sin[..., k:]
+    im = by_cos[..., k:] - by_sin[..., :k]
+    return re, im
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """H*W of a (B, C, H, W) map as a (1, 1, 1, 1) fp32 tensor that a traced graph computes from its input."""
+    return torch.ones_like(x[:1, :1], dtype=torch.float32).sum((-2, -1), keepdim=True)
+
+
 def unit_spectrum(x: torch.Tensor) -> torch.Tensor:
     """F/|F| of the real 2-D FFT of x over its last two dims (F = 0 -> 1), as a real tensor
-    (..., H, W//2+1, 2) in fp32 (fp64 for fp64 inputs)."""
+    (..., H, W//2+1, 2) in fp32 (fp64 for fp64 inputs).
+
+    While exported (traced), the FFT is rfft2_matmul's DFT-matrix products and F/|F| is real
+    arithmetic: the TorchScript ONNX exporter has no rfft2 (nor complex tensors), and ONNX's DFT
+    operator ran 10x (power-of-two sizes) to 70x (others) slower than PyTorch's FFT in ONNX Runtime
+    1.32, with 6e-5 relative error off powers of two (naive DFT); the matrix products agree with
+    rfft2 to ~1e-6 relative at any size.
+    """
     with torch.autocast(x.device.type, enabled=False):
+        if _exporting():
+            re, im = rfft2_matmul(_fp32_or_wider(x))
+            mag = torch.sqrt(re * re + im * im)
+            zero = mag == 0                                    # angle(0) = 0: the value 1
+            safe = torch.where(zero, torch.ones_like(mag), mag)
+            return torch.stack([torch.where(zero, torch.ones_like(re), re / safe), im / safe], -1)
         spec = torch.fft.rfft2(_fp32_or_wider(x))
         unit = torch.sgn(spec)                          # F/|F|, and 0 where F == 0 ...
         unit = unit + (spec == 0).to(unit.dtype)        # ... where angle(0) = 0 means the value 1
@@ -74,6 +128,13 @@ def phase_gram(qk: torch.Tensor, heads: int) -> torch.Tensor:
         def gram(uq, uk):
             return uq.reshape(b, heads, c // heads, -1) @ uk.reshape(b, heads, c // heads, -1).transpose(-2, -1)
 
+        if _exporting():
+            # the column weights and H*W from the input itself: a traced Python `w % 2` or `h * w`
+            # would fix them to the traced size (and odd widths occur at the 1/8 level)
+            col = _index(unit_q[0, 0, 0, :, 0])
+            width = _index(qk[0, 0, 0])[-1:] + 1
+            weight = (2 - (col == 0).to(torch.int64) - (2 * col == width).to(torch.int64)).to(unit_q.dtype)
+            return gram(unit_q * weight[:, None], unit_k) / _pixels(qk)
         total = 2.0 * gram(unit_q, unit_k) - gram(unit_q[..., 0, :], unit_k[..., 0, :])
         if w % 2 == 0:
             total = total - gram(unit_q[..., -1, :], unit_k[..., -1, :])
@@ -85,6 +146,8 @@ def phase_only_mean(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2:]
     with torch.autocast(x.device.type, enabled=False):
         total = _fp32_or_wider(x.detach()).sum((-2, -1), keepdim=True)
+        if _exporting():
+            return torch.where(total >= 0, 1.0, -1.0) / _pixels(x)
         return torch.where(total >= 0, 1.0, -1.0) / (h * w)
 
 

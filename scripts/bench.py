@@ -302,7 +302,8 @@ def bench_onnx(args) -> list[dict]:
     them), at each model's usual batch and size: CRBL 32 x 128^2, battery classifiers 8 x 512^2,
     deeplab_seg 4 windows of 640^2, spectral 256 structures of 128^2 (infer.py's default batch;
     PyTorch channels_last as infer.py runs it), the colorize U-Nets (width 64, the original's)
-    8 x 128^2 (--quick: 128^2, batch 2). Alternating, median per engine."""
+    8 x 128^2, the Phaseformer 1x head (random weights) 1 x 256^2, a tile as infer.py feeds it
+    (--quick: 128^2, batch 2). Alternating, median per engine."""
     import copy
 
     from battery_ct.deploy import BatteryGraph, graph_spec
@@ -314,6 +315,8 @@ def bench_onnx(args) -> list[dict]:
     from crbl.deploy import CRBLProbability, export_spec as crbl_spec
     from crbl.infer import cpu_streams
     from crbl.model import CRBL
+    from phaseformer.deploy import graph_spec as phaseformer_spec
+    from phaseformer.model import build_model as build_phaseformer
     from spectral.config import check_config
     from spectral.deploy import SpectraGraph, graph_spec as spectral_spec
     from spectral.model import build_model as build_spectral
@@ -323,6 +326,7 @@ def bench_onnx(args) -> list[dict]:
                                         for n in MODEL_NAMES]
     cases += [(f"colorize_{n}", 8, 128) for n in COLORIZE_MODELS]     # colorize/infer.py's batch, the original's size
     cases += [(f"spectral_{n}", 256, 128) for n in ("cnn_xattn", "cnn_gru")]
+    cases += [("phaseformer_1x", 1, 256)]                             # one image or tile, as infer.py runs it
     if args.quick:
         cases = [(n, 2, 128) for n, _, _ in cases]
     if args.models:
@@ -346,6 +350,10 @@ def bench_onnx(args) -> list[dict]:
                 cfg = check_config({"model": {"name": model_name}}, "bench", training=False)
                 spec = spectral_spec(model, cfg, (size, size), Path("random"))
                 graph = SpectraGraph(copy.deepcopy(model).to(memory_format=torch.channels_last), True).eval()
+            elif name == "phaseformer_1x":
+                torch.manual_seed(0)
+                spec = phaseformer_spec(build_phaseformer().eval(), "1x", (size, size), Path("random"))
+                graph = spec.module                                 # the rfft2 path; the file: DFT matrices
             else:
                 model = build_model(name).eval()
                 cfg = {"model": name, "num_classes": 4 if name == "deeplab_seg" else 5, "image_size": size,
@@ -360,7 +368,7 @@ def bench_onnx(args) -> list[dict]:
             torch_inputs = tuple(t.contiguous(memory_format=torch.channels_last) for t in inputs) \
                 if name.startswith("spectral_") else inputs
             heavy = (name in ("deeplabv3", "deeplab_seg", "drn_aspp", "convnext_tiny")
-                     or name.startswith(("spectral_", "colorize_"))) and not args.quick
+                     or name.startswith(("spectral_", "colorize_", "phaseformer"))) and not args.quick
             reps = 1 if heavy else args.repeats
             with torch.inference_mode():
                 ref = graph(*torch_inputs)

@@ -6,6 +6,8 @@
   python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
   python scripts/export_onnx.py --task spectral --weights runs/spectral/cnn_xattn-*/best.pt --out xattn.onnx
   python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
+  python scripts/export_onnx.py --task phaseformer --weights runs/phaseformer/*/best.pt --out pf.onnx --dynamic-size
+  python scripts/export_onnx.py --task phaseformer --weights uieb.pth --head 2x --size 512 512 --out pf_2x.onnx
 
 The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
 image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
@@ -32,7 +34,7 @@ from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
 TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "spectral": "spectral.deploy",
-         "colorize": "colorize.deploy"}
+         "colorize": "colorize.deploy", "phaseformer": "phaseformer.deploy"}
 
 
 def parse_args(argv=None):
@@ -44,14 +46,17 @@ def parse_args(argv=None):
                                    "checkpoint; needed for a converted file); spectral: checked against the weights")
     p.add_argument("--config", type=Path,
                    help="spectral: the YAML config of a CR_recon checkpoint (as infer.py --config)")
+    p.add_argument("--head", choices=("1x", "2x"),
+                   help="phaseformer: the output head the graph returns (default 1x, as infer.py's default)")
     p.add_argument("--size", type=int_range(16, 8192), nargs=2, metavar=("H", "W"),
                    help="input height and width (default: the model's size: crbl 128x128, battery_ct the "
                         "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window; "
-                        "spectral 128x128)")
+                        "spectral 128x128; phaseformer 256x256, multiples of 8)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed, --batch-size)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="the fixed batch size without --dynamic-batch")
     p.add_argument("--dynamic-size", action="store_true",
-                   help="any input height and width (battery_ct deeplab_seg and the classifiers, spectral cnn_gru; not "
+                   help="any input height and width (battery_ct deeplab_seg and the classifiers, spectral cnn_gru, "
+                        "colorize, phaseformer (multiples of 8); not "
                         "crbl, ae or cnn_xattn, whose graphs hold size-dependent constants)")
     p.add_argument("--opset", type=int_range(13, MAX_OPSET), default=DEFAULT_OPSET)
     p.add_argument("--tolerance", type=float_range(0, 1, lo_open=True), default=None,
@@ -67,9 +72,12 @@ def main(argv=None):
     apply_runtime_args(args)
     out = check_output_file(args.out, args.overwrite)
     deploy = importlib.import_module(TASKS[args.task])
-    extra = {} if args.config is None else {"config": args.config}
-    if extra and "config" not in inspect.signature(deploy.export_spec).parameters:
+    extra = {k: v for k, v in (("config", args.config), ("head", args.head)) if v is not None}
+    takes = inspect.signature(deploy.export_spec).parameters
+    if "config" in extra and "config" not in takes:
         raise UserError(f"--config: --task {args.task} reads its model from --weights (and --model), not a config")
+    if "head" in extra and "head" not in takes:
+        raise UserError(f"--head: --task {args.task} has one output head (phaseformer has two)")
     spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None, **extra)
     tolerance = args.tolerance or spec.tolerance
     batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
