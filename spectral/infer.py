@@ -34,6 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python spectral/infer.py` from a checkout: import this checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import select_device
