@@ -53,7 +53,7 @@ from common.device import select_device
 from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
                        load_untrusted, load_weights_into, make_output_dir, run_cli, save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
-from common.onnx import OrtModel, add_engine_args, check_task, session
+from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.uint8)
@@ -85,18 +85,9 @@ def parse_args(argv=None):
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
     args = p.parse_args(argv)
-    if args.engine is None:
-        args.engine = "onnxruntime" if args.onnx is not None else "torch"
-    if args.engine == "onnxruntime":
-        if args.onnx is None or args.weights is not None:
-            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
-                    "not --weights")
-        if args.image_size is not None:
-            p.error("--image-size: an ONNX model has its own input size (export another with --size)")
-    elif args.onnx is not None:
-        p.error("--onnx needs --engine onnxruntime")
-    elif args.weights is None:
-        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    resolve_engine(p, args)
+    if args.engine == "onnxruntime" and args.image_size is not None:
+        p.error("--image-size: an ONNX model has its own input size (export another with --size)")
     return args
 
 
@@ -144,13 +135,7 @@ def load_model(args, fuse: bool = True) -> tuple[torch.nn.Module, dict, dict]:
 
 def load_onnx(args) -> tuple[OrtModel, dict, dict]:
     """(the exported graph, config, extra) from an exported file; a file of another task or model is refused."""
-    sess = session(args.onnx, args.providers, args.threads)
-    meta = check_task(sess, args.onnx, TASK, "--model NAME")
-    name = meta.get("model")
-    if name not in MODEL_NAMES:
-        raise UserError(f"{args.onnx}: its metadata names no battery_ct model (model={name!r})")
-    if args.model is not None and args.model != name:
-        raise UserError(f"{args.onnx}: holds a {name} model, not --model {args.model}")
+    sess, meta, name = open_exported(args, TASK, "--model NAME", "model", MODEL_NAMES, args.model)
     graph = OrtModel(sess)
     h, w = graph.shape[1:3]
     dynamic = not isinstance(h, int)            # exported with --dynamic-size

@@ -45,7 +45,7 @@ from common.data import list_images
 from common.device import select_device
 from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_state_strict, load_untrusted,
                        make_output_dir, run_cli, save_image)
-from common.onnx import OrtModel, add_engine_args, check_task, session
+from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 
 ORIGINAL_SIZE = 128   # the original's default resolution
 
@@ -69,16 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
     args = p.parse_args(argv)
-    if args.engine is None:
-        args.engine = "onnxruntime" if args.onnx is not None else "torch"
-    if args.engine == "onnxruntime":
-        if args.onnx is None or args.weights is not None:
-            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
-                    "not --weights")
-    elif args.onnx is not None:
-        p.error("--onnx needs --engine onnxruntime")
-    elif args.weights is None:
-        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    resolve_engine(p, args)
     return args
 
 
@@ -115,13 +106,7 @@ def traced_size(meta: dict[str, str], path: Path) -> tuple[int, int]:
 def load_onnx(args) -> tuple[OrtModel, dict, tuple[int, int]]:
     """(the exported graph, {'model', 'width', 'source'}, the input size infer.py feeds it); a file of
     another task or model, or a --size the file cannot take, is refused."""
-    sess = session(args.onnx, args.providers, args.threads)
-    meta = check_task(sess, args.onnx, TASK, "--model NAME")
-    name = meta.get("model")
-    if name not in MODEL_NAMES:
-        raise UserError(f"{args.onnx}: its metadata names no colorize model (model={name!r})")
-    if args.model is not None and args.model != name:
-        raise UserError(f"{args.onnx}: holds a {name} model, not --model {args.model}")
+    sess, meta, name = open_exported(args, TASK, "--model NAME", "model", MODEL_NAMES, args.model)
     graph = OrtModel(sess)
     h, w = graph.shape[1:3]
     if isinstance(h, int) and isinstance(w, int):

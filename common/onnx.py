@@ -213,6 +213,35 @@ def add_engine_args(p, default_engine: str | None = "torch") -> None:
                         "(default: CUDA, DirectML, CoreML, CPU, whichever are installed); the first available is used")
 
 
+
+def resolve_engine(p, args) -> None:
+    """The engine a parsed command line asks for (--onnx alone means onnxruntime), and a usage error
+    for --weights with --engine onnxruntime, --onnx without it, or neither file. For infer.py
+    scripts with one --weights file and add_engine_args(p, default_engine=None)."""
+    if args.engine is None:
+        args.engine = "onnxruntime" if args.onnx is not None else "torch"
+    if args.engine == "onnxruntime":
+        if args.onnx is None or args.weights is not None:
+            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
+                    "not --weights")
+    elif args.onnx is not None:
+        p.error("--onnx needs --engine onnxruntime")
+    elif args.weights is None:
+        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+
+
+def open_exported(args, task: str, export_hint: str, key: str, valid, wanted=None):
+    """(session, metadata, metadata[key]) of args.onnx, refused in one line unless it was exported for
+    `task` with a `key` (model, head) in `valid` that equals `wanted` when the user gave one."""
+    sess = session(args.onnx, args.providers, args.threads)
+    meta = check_task(sess, args.onnx, task, export_hint)
+    value = meta.get(key)
+    if value not in valid:
+        raise UserError(f"{args.onnx}: its metadata names no {task} {key} ({key}={value!r})")
+    if wanted is not None and wanted != value:
+        raise UserError(f"{args.onnx}: holds a {value} {key}, not --{key} {wanted}")
+    return sess, meta, value
+
 class OrtModel:
     """An ONNX Runtime session called like the PyTorch graph it was exported from: tensors in, a
     tuple of CPU tensors out. A file exported with a fixed batch size takes any batch (chunks; the

@@ -53,7 +53,7 @@ from common.device import AMP_CHOICES, amp_dtype, autocast, select_device
 from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image, run_cli,
                        save_image)
 from common.metrics import psnr, ssim
-from common.onnx import OrtModel, add_engine_args, check_task, session
+from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 from phaseformer.deploy import HEADS, TASK
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
 from phaseformer.official import load_weights
@@ -106,14 +106,7 @@ class OrtRestorer:
 def load_onnx(args) -> tuple[OrtRestorer, dict, int]:
     """(the exported graph as infer.py calls it, {'kind'}, the tile size); a file of another task,
     another head than --head, or one size that --tile contradicts, is refused."""
-    sess = session(args.onnx, args.providers, args.threads)
-    meta = check_task(sess, args.onnx, TASK, "[--head 2x] [--dynamic-size]")
-    head = meta.get("head")
-    if head not in HEADS:
-        raise UserError(f"{args.onnx}: its metadata names no Phaseformer head (head={head!r})")
-    if args.head is not None and args.head != head:
-        raise UserError(f"--head {args.head}: {args.onnx} returns the {head} head; export one with "
-                        f"--head {args.head}")
+    sess, meta, head = open_exported(args, TASK, "[--head 2x] [--dynamic-size]", "head", HEADS, args.head)
     graph = OrtModel(sess)
     h, w = graph.shape[1:3]
     tile = args.tile or DEFAULT_TILE
@@ -242,16 +235,7 @@ def parse_args(argv=None):
     cli.add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
     args = p.parse_args(argv)
-    if args.engine is None:
-        args.engine = "onnxruntime" if args.onnx is not None else "torch"
-    if args.engine == "onnxruntime":
-        if args.onnx is None or args.weights is not None:
-            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
-                    "not --weights")
-    elif args.onnx is not None:
-        p.error("--onnx needs --engine onnxruntime")
-    elif args.weights is None:
-        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    resolve_engine(p, args)
     return args
 
 

@@ -42,7 +42,7 @@ from common.data import IMAGE_SUFFIXES, list_images
 from common.device import select_device
 from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
                        load_untrusted, one_line, run_cli)
-from common.onnx import OrtModel, add_engine_args, check_task, session
+from common.onnx import OrtModel, add_engine_args, check_task, resolve_engine, session
 from spectral.config import check_config, load_config
 from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
 from spectral.deploy import TASK, SpectraGraph
@@ -71,16 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
     args = p.parse_args(argv)
-    if args.engine is None:
-        args.engine = "onnxruntime" if args.onnx is not None else "torch"
-    if args.engine == "onnxruntime":
-        if args.onnx is None or args.weights is not None:
-            p.error("--engine onnxruntime runs an exported model: give --onnx FILE (from scripts/export_onnx.py), "
-                    "not --weights")
-    elif args.onnx is not None:
-        p.error("--onnx needs --engine onnxruntime")
-    elif args.weights is None:
-        p.error("give --weights (or --engine onnxruntime --onnx FILE)")
+    resolve_engine(p, args)
     return args
 
 

@@ -194,7 +194,7 @@ def test_refusals_in_one_line_and_nothing_written(files, tmp_path, capsys):
     assert "not --weights" in err("--onnx", dyn, "--weights", files.root / "weights.pth")
     assert "--tile 128: " in err("--onnx", fixed, "--tile", "128") and "takes 64x64 tiles only" in \
         err("--onnx", fixed, "--tile", "128")
-    assert "returns the 2x head" in err("--onnx", fixed, "--head", "1x")
+    assert "holds a 2x head, not --head 1x" in err("--onnx", fixed, "--head", "1x")
     assert "runs in PyTorch only" in err("--onnx", dyn, "--preset", "official")
     assert "none of them is available" in err("--onnx", dyn, "--providers", "DmlExecutionProvider")
     out = tmp_path / "x.onnx"
