@@ -42,6 +42,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_thread_for_module():
+    """The same for a module's shared fixtures (a model exported once for every test in the file):
+    `pytestmark = pytest.mark.usefixtures("one_thread_for_module")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def run_script():
     """Run a repo script the way a user does (python path/to/script.py ...) and return the result."""

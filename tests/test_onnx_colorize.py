@@ -45,12 +45,7 @@ TOL = 1e-4
 UNET_SIZE = (32, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_for_module")
 
 
 @pytest.fixture(scope="module")

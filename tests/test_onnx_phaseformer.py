@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
 import official_model as official  # noqa: E402
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread_for_module")
 
 
 @pytest.fixture(scope="module")
