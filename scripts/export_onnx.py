@@ -4,6 +4,7 @@
   python scripts/export_onnx.py --task crbl --weights converted_full.pth --model full --out crbl_full.onnx
   python scripts/export_onnx.py --task battery_ct --weights runs/battery_ct/hdcnn-*/best.pt --out hdcnn.onnx
   python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
+  python scripts/export_onnx.py --task colorize --weights runs/colorize/improved_unet-*/best.pt --out colorize.onnx --dynamic-size
   python scripts/export_onnx.py --task spectral --weights runs/spectral/cnn_xattn-*/best.pt --out xattn.onnx
   python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
   python scripts/export_onnx.py --task phaseformer --weights runs/phaseformer/*/best.pt --out pf.onnx --dynamic-size
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=Path, required=True, help="a training checkpoint (best.pt) or a converted .pth")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--model", help="crbl: crop | full; battery_ct: the model name (read from a training "
-                                   "checkpoint; needed for a converted file); spectral: checked against the weights")
+                                   "checkpoint; needed for a converted file); spectral, colorize: checked against the "
+                                   "weights; phaseformer: phaseformer")
     p.add_argument("--config", type=Path,
                    help="spectral: the YAML config of a CR_recon checkpoint (as infer.py --config)")
     p.add_argument("--head", choices=("1x", "2x"),
