@@ -112,9 +112,11 @@ def test_ctrl_c_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(small
     run ends bit-identical to the uninterrupted one."""
     a_out, _ = small_run
     c = tmp_path / "C"
-    proc = subprocess.Popen([sys.executable, str(REPO / "colorize" / "train.py"), *map(str, SMALL), "--out", str(c)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stdout_file = tmp_path / "stdout.txt"
+    with open(stdout_file, "w") as stdout_sink:    # stderr has one reader, the watcher below
+        proc = subprocess.Popen([sys.executable, str(REPO / "colorize" / "train.py"), *map(str, SMALL), "--out", str(c)],
+                                stdout=stdout_sink, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = threading.Event()
     err_chunks = []
 
@@ -130,9 +132,9 @@ def test_ctrl_c_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(small
     t.start()
     assert seen.wait(300), "training never started:\n" + "".join(err_chunks)
     proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
     t.join(10)
-    err = "".join(err_chunks)
+    stdout, err = stdout_file.read_text(), "".join(err_chunks)
     assert proc.returncode == 130, (stdout, err)
     assert "interrupted in epoch 1 after batch" in err
     ckpt = load_untrusted(c / "last.pt")
