@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.device import in_inference_mode
 from common.io import UserError
 from common.onnx import ExportSpec
 from crbl.data import INPUT_SIZE
@@ -51,21 +52,13 @@ class CRBLProbability(nn.Module):
     def _two_streams(self, image: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = image.contiguous(memory_format=torch.channels_last)
-        other = self._pool.submit(_no_grad(m.backbone1.forward_channels_last), x)
+        other = self._pool.submit(in_inference_mode(m.backbone1.forward_channels_last), x)
         f2 = m.backbone2.forward_channels_last(x)
         f1 = other.result()
         half = (x.shape[0] + 1) // 2
-        first = self._pool.submit(_no_grad(m.forward_head), (f1[:half], f2[:half]))
+        first = self._pool.submit(in_inference_mode(m.forward_head), (f1[:half], f2[:half]))
         rest = [m.forward_head((f1[half:], f2[half:]))] if x.shape[0] > half else []
         return torch.cat([first.result(), *rest])
-
-
-def _no_grad(fn):
-    """fn under inference mode in the worker thread (grad mode is per thread)."""
-    def call(*args):
-        with torch.inference_mode():
-            return fn(*args)
-    return call
 
 
 def metadata(model_type: str, size: tuple[int, int], weights: Path) -> dict:

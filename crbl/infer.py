@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
                         float_range)
 from common.data import list_images
-from common.device import select_device
+from common.device import cpu_streams, select_device
 from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
@@ -66,16 +66,6 @@ def load_model(weights: Path, expected_type: str | None, role: str) -> tuple[CRB
     if stored is not None and expected_type is not None and stored != expected_type:
         raise UserError(f"{weights}: holds a {stored} model, but {role} expects a {expected_type} model")
     return model.eval(), stored
-
-
-def cpu_streams() -> int:
-    """CPU inference: 2 streams (see CRBLProbability) with half the threads each, when there are
-    at least 2 threads."""
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return 1
-    torch.set_num_threads(threads // 2)
-    return 2
 
 
 def load_onnx(path: Path, expected_type: str | None, role: str, providers, threads: int) -> tuple[OrtModel, str]:

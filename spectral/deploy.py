@@ -17,11 +17,13 @@ The metadata also carries the model's constructor arguments (`model_params`) and
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from common.device import on_batch_halves
 from common.io import UserError
 from common.onnx import ExportSpec
 from spectral.data import CELL_LAYOUT, STRUCT_SHAPE, wavelengths_nm
@@ -35,15 +37,22 @@ DOWNSAMPLING = 32                 # five stride-2 stages: a side of n px gives c
 
 
 class SpectraGraph(nn.Module):
-    """structure in {0, 1} -> (spectra,), exactly what spectral/infer.py computes per batch."""
+    """structure in {0, 1} -> (spectra,), exactly what spectral/infer.py computes per batch.
 
-    def __init__(self, model: nn.Module, map_to_pm1: bool):
+    streams=2 (CPU inference, common.device.cpu_streams): the two halves of the batch at once, in
+    two threads; the same numbers as one call."""
+
+    def __init__(self, model: nn.Module, map_to_pm1: bool, streams: int = 1):
         super().__init__()
         self.model, self.map_to_pm1 = model, bool(map_to_pm1)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spectral") if streams > 1 else None
 
     def forward(self, structure: torch.Tensor) -> tuple[torch.Tensor]:
         x = structure * 2.0 - 1.0 if self.map_to_pm1 else structure    # CR_recon's map_to_pm1
-        return (self.model(x).float(),)
+        parallel = (self._pool is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+                    and not torch.onnx.is_in_onnx_export() and not self.model.training)
+        y = on_batch_halves(self.model, x, self._pool) if parallel else self.model(x)
+        return (y.float(),)
 
 
 def feature_tokens(size: tuple[int, int]) -> int:

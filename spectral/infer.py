@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # `python spectral/infer.py` from a checkout: imp
 
 from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES, list_images
-from common.device import select_device
+from common.device import cpu_streams, select_device
 from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
                        load_untrusted, one_line, run_cli)
 from common.onnx import OrtModel, add_engine_args, check_task, resolve_engine, session
@@ -311,7 +311,10 @@ def main(argv=None):
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        graph = SpectraGraph(model, cfg["data"]["map_to_pm1"]).eval()
+        streams = cpu_streams() if device.type == "cpu" else 1
+        if streams > 1:
+            print(f"CPU: {streams} streams (the two halves of each batch at once) x {torch.get_num_threads()} thread(s)")
+        graph = SpectraGraph(model, cfg["data"]["map_to_pm1"], streams).eval()
     structs = open_structures(args.structs)
     out_len = cfg["model"]["params"]["out_len"]
     truth = ground_truth(args.evaluate, len(structs), out_len) if args.evaluate else None

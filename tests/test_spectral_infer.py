@@ -112,6 +112,61 @@ def test_acceptance_command_line(originals, structs, tmp_path):
     assert np.abs(pred - reference(model, s)).max() <= 1e-5
 
 
+def test_two_cpu_streams_give_the_same_spectra(originals, structs, tmp_path):
+    """--threads 2 on the CPU: the two halves of each batch run at once in two threads (one intra-op
+    thread each); the spectra equal the reference and the one-stream run's."""
+    cfg, weights, model = originals["xattn_default"]
+    s_path, s = structs
+    outs = {}
+    for threads in (1, 2):
+        out = tmp_path / f"P{threads}.npy"
+        res = subprocess.run([sys.executable, str(REPO / "spectral" / "infer.py"), "--config", str(cfg), "--weights",
+                              str(weights), "--structs", str(s_path), "--out", str(out), "--threads", str(threads)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert ("CPU: 2 streams" in res.stdout) == (threads == 2), res.stdout
+        outs[threads] = np.load(out)
+    assert np.abs(outs[2] - reference(model, s)).max() <= 1e-5
+    assert np.abs(outs[2] - outs[1]).max() <= 1e-6
+
+
+def test_on_batch_halves_runs_the_second_half_in_the_worker():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common.device import on_batch_halves
+
+    seen = []
+
+    def fn(x):
+        seen.append((len(x), threading.current_thread() is threading.main_thread(), torch.is_inference_mode_enabled()))
+        return x * 2
+
+    x = torch.arange(5.0)[:, None]
+    with ThreadPoolExecutor(1) as pool, torch.inference_mode():
+        y = on_batch_halves(fn, x, pool)
+        assert torch.equal(y, x * 2)
+        assert sorted(seen) == [(2, False, True), (3, True, True)]
+        seen.clear()
+        assert torch.equal(on_batch_halves(fn, x[:1], pool), x[:1] * 2) and seen == [(1, True, True)]
+
+    from spectral.deploy import SpectraGraph
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    seen.clear()
+    graph = SpectraGraph(Recorder(), map_to_pm1=True, streams=2).eval()
+    with torch.inference_mode():
+        assert torch.equal(graph(x)[0], (x * 2 - 1) * 2)
+    assert sorted(seen) == [(2, False, True), (3, True, True)]
+    seen.clear()
+    with torch.no_grad():                       # not in inference mode: one stream, as before
+        SpectraGraph(Recorder(), map_to_pm1=True, streams=1).eval()(x)
+    assert seen == [(5, True, False)]
+
+
 @pytest.mark.parametrize("key", ["xattn_small_zero", "gru_default_zero", "gru_small"])
 def test_other_models_paddings_and_sizes(originals, structs, tmp_path, key):
     cfg, weights, model = originals[key]
