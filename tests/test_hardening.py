@@ -117,7 +117,8 @@ def test_fresh_run_refuses_a_folder_with_results_even_without_last_pt(tmp_path):
 def test_resume_refuses_to_write_over_another_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     tiny(*FAST, "--epochs", 1, "--out", a)
-    tiny(*FAST, "--epochs", 1, "--out", b, "--seed", 7)
+    b.mkdir()
+    (b / "last.pt").write_bytes(b"another run's checkpoint")   # prepare_run_dir looks at the files, not inside
     before = (b / "last.pt").read_bytes()
     res = tiny("--no-progress", "--resume", a / "last.pt", "--out", b, check=False)
     assert res.returncode == 2 and "already holds files" in res.stderr
@@ -341,7 +342,8 @@ def test_resume_does_not_claim_random_backbones(capsys):
 
 
 # ---------------------------------------------------------------- 10. threads; Ctrl-C saves a resumable checkpoint
-@pytest.mark.parametrize("workers", [0, 2])
+# workers=0: slow (14 s); test_colorize_train checks the same Ctrl-C mid-epoch resume with 0 workers
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, workers):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     tiny(*FAST, "--workers", workers, "--out", ref, "--threads", 1)
