@@ -213,7 +213,6 @@ def add_engine_args(p, default_engine: str | None = "torch") -> None:
                         "(default: CUDA, DirectML, CoreML, CPU, whichever are installed); the first available is used")
 
 
-
 def resolve_engine(p, args) -> None:
     """The engine a parsed command line asks for (--onnx alone means onnxruntime), and a usage error
     for --weights with --engine onnxruntime, --onnx without it, or neither file. For infer.py
@@ -241,6 +240,7 @@ def open_exported(args, task: str, export_hint: str, key: str, valid, wanted=Non
     if wanted is not None and wanted != value:
         raise UserError(f"{args.onnx}: holds a {value} {key}, not --{key} {wanted}")
     return sess, meta, value
+
 
 class OrtModel:
     """An ONNX Runtime session called like the PyTorch graph it was exported from: tensors in, a
