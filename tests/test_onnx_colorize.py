@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from helpers import cli_error
 from colorize.data import gray_u8, resize_u8, to_tensor
 from colorize.deploy import ColorizeGraph
 from colorize.infer import main as infer_main
@@ -214,16 +215,8 @@ def test_infer_refuses_wrong_files_and_flags(files, tmp_path, capsys):
     write_inputs(tmp_path / "in")
     never = tmp_path / "never"
 
-    def err(*args):
-        try:
-            infer_main([str(a) for a in ["--input", tmp_path / "in", "--out", never, "--threads", "1", *args]])
-        except UserError as e:
-            message = str(e)
-        except SystemExit as e:
-            assert e.code == 2
-            message = capsys.readouterr().err
-        else:
-            raise AssertionError("no error")
+    def err(*args):                            # one line, exit status 2, nothing written
+        message = cli_error(infer_main, "--input", tmp_path / "in", "--out", never, "--threads", 1, *args, capsys=capsys)
         assert not never.exists()
         return message
 

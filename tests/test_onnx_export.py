@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import cli_error
 from battery_ct.deploy import BatteryGraph, graph_spec, names
 from battery_ct.model import MODEL_NAMES, _adaptive_avg_pool_export, build_model
 from battery_ct.train import normalization
@@ -290,16 +291,8 @@ def test_crbl_infer_refuses_wrong_files(crbl_files, crbl_images, scratch, capsys
     _, path, _ = crbl_files
     never = scratch / "never.csv"
 
-    def err(*args):
-        try:
-            call(crbl_infer, crbl_images, "--out", never, *args)
-        except UserError as e:
-            message = str(e)
-        except SystemExit as e:                     # argparse: one line on stderr, exit 2
-            assert e.code == 2
-            message = capsys.readouterr().err
-        else:
-            raise AssertionError("no error")
+    def err(*args):                            # one line, exit status 2, nothing written
+        message = cli_error(crbl_infer, crbl_images, "--out", never, *args, capsys=capsys)
         assert not never.exists()
         return message
 

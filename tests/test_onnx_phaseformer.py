@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from helpers import cli_error
 from common.io import UserError
 from common.onnx import ExportSpec, export, write
 from phaseformer import infer
@@ -174,16 +175,8 @@ def test_refusals_in_one_line_and_nothing_written(files, tmp_path, capsys):
     write_inputs(tmp_path / "in")
     never = tmp_path / "never"
 
-    def err(*args):
-        try:
-            infer.main([str(a) for a in [tmp_path / "in", "--out", never, "--threads", "1", *args]])
-        except UserError as e:
-            message = str(e)
-        except SystemExit as e:
-            assert e.code == 2
-            message = capsys.readouterr().err
-        else:
-            raise AssertionError("no error")
+    def err(*args):                            # one line, exit status 2, nothing written
+        message = cli_error(infer.main, tmp_path / "in", "--out", never, "--threads", 1, *args, capsys=capsys)
         assert not never.exists() and "\n" not in message.strip()
         return message
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import cli_error
 from common.checkpoint import save_checkpoint
 from common.io import UserError
 from common.onnx import ExportSpec, export, write
@@ -264,16 +265,8 @@ def test_infer_refuses_wrong_files(files, xattn_wide, scratch, capsys):
     never = scratch / "never.npy"
     np.save(scratch / "S2.npy", random_structures(2, np.random.default_rng(0)))
 
-    def err(*args):
-        try:
-            infer_main([str(a) for a in ["--structs", scratch / "S2.npy", "--out", never, *args]])
-        except UserError as e:
-            message = str(e)
-        except SystemExit as e:                     # argparse: one line on stderr, exit 2
-            assert e.code == 2
-            message = capsys.readouterr().err
-        else:
-            raise AssertionError("no error")
+    def err(*args):                            # one line, exit status 2, nothing written
+        message = cli_error(infer_main, "--structs", scratch / "S2.npy", "--out", never, *args, capsys=capsys)
         assert not never.exists()
         return message
 
