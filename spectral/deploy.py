@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.device import on_batch_halves
+from common.device import autocast, on_batch_halves
 from common.io import UserError
 from common.onnx import ExportSpec
 from spectral.data import CELL_LAYOUT, STRUCT_SHAPE, wavelengths_nm
@@ -40,19 +40,25 @@ class SpectraGraph(nn.Module):
     """structure in {0, 1} -> (spectra,), exactly what spectral/infer.py computes per batch.
 
     streams=2 (CPU inference, common.device.cpu_streams): the two halves of the batch at once, in
-    two threads; the same numbers as one call."""
+    two threads; the same numbers as one call.
+    amp_dtype: the model under autocast (infer.py --amp; None: fp32, CR_recon's numbers); autocast
+    is per thread, so each stream enters it."""
 
-    def __init__(self, model: nn.Module, map_to_pm1: bool, streams: int = 1):
+    def __init__(self, model: nn.Module, map_to_pm1: bool, streams: int = 1, amp_dtype: torch.dtype | None = None):
         super().__init__()
-        self.model, self.map_to_pm1 = model, bool(map_to_pm1)
+        self.model, self.map_to_pm1, self.amp_dtype = model, bool(map_to_pm1), amp_dtype
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="spectral") if streams > 1 else None
 
     def forward(self, structure: torch.Tensor) -> tuple[torch.Tensor]:
         x = structure * 2.0 - 1.0 if self.map_to_pm1 else structure    # CR_recon's map_to_pm1
         parallel = (self._pool is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
                     and not torch.onnx.is_in_onnx_export() and not self.model.training)
-        y = on_batch_halves(self.model, x, self._pool) if parallel else self.model(x)
+        y = on_batch_halves(self._model, x, self._pool) if parallel else self._model(x)
         return (y.float(),)
+
+    def _model(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp_dtype):
+            return self.model(x)
 
 
 def feature_tokens(size: tuple[int, int]) -> int:

@@ -130,6 +130,28 @@ def test_two_cpu_streams_give_the_same_spectra(originals, structs, tmp_path):
     assert np.abs(outs[2] - outs[1]).max() <= 1e-6
 
 
+def test_amp_bf16_in_both_streams(originals, structs, tmp_path, capsys):
+    """--amp bf16 on the CPU: both halves of the batch (two threads; autocast is per thread) run in
+    bfloat16, close to the original model under the same autocast; an exported graph refuses --amp."""
+    cfg, weights, model = originals["xattn_default"]
+    s_path, s = structs
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(torch.from_numpy(s.astype(np.float32)) * 2 - 1).float().numpy()
+    exact = reference(model, s)
+    res = subprocess.run([sys.executable, str(REPO / "spectral" / "infer.py"), "--config", str(cfg), "--weights",
+                          str(weights), "--structs", str(s_path), "--out", str(tmp_path / "P.npy"), "--threads", "2",
+                          "--amp", "bf16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "CPU: 2 streams" in res.stdout and "autocast bfloat16" in res.stdout, res.stdout
+    pred = np.load(tmp_path / "P.npy")
+    scale = np.abs(exact).max()
+    assert np.abs(pred - expected).max() <= 5e-2 * scale   # two bf16 roundings of 4 decoder layers
+    for half in (slice(0, 3), slice(3, 5)):      # each stream's rows moved off the fp32 numbers
+        assert np.abs(pred[half] - exact[half]).max() > 1e-4 * scale
+    assert "PyTorch engine only" in cli_error(capsys, "--engine", "onnxruntime", "--onnx", tmp_path / "m.onnx",
+                                              "--structs", s_path, "--amp", "bf16")
+
+
 def test_on_batch_halves_runs_the_second_half_in_the_worker():
     import threading
     from concurrent.futures import ThreadPoolExecutor
