@@ -883,6 +883,17 @@ def _spectral_profile(fn) -> dict:
     return groups
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX; read from
+    /proc/cpuinfo, so Linux only): where they are missing, oneDNN emulates bf16 and --amp bf16 gains
+    little or nothing."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
+
+
 def _spectral_models(params: dict):
     from spectral.model import build_model
     from tests.spectral_ref import original
@@ -894,10 +905,12 @@ def _spectral_models(params: dict):
     return ref, ours
 
 
-def _spectral_steps(ref, ours, x, y, device):
+def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     """The original Trainer's step (transcribed: AdamW 0.9/0.95, clip 1.0, LambdaLR per step, fp32
     on the CPU) and ours as train.py runs it through common's Trainer (channels_last on the CPU,
-    fused AdamW, the same clipping and schedule)."""
+    fused AdamW, the same clipping and schedule; `amp`: the forward under autocast, as --amp bf16,
+    the loss in fp32)."""
+    from common.device import autocast
     from common.schedulers import warmup_cosine
     from spectral.losses import build_loss
     from tests.spectral_ref import original
@@ -913,7 +926,8 @@ def _spectral_steps(ref, ours, x, y, device):
 
     def ours_step():
         model.train()
-        loss = criterion(model(xx), y)
+        with autocast(device, amp):
+            loss = criterion(model(xx), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -1079,6 +1093,19 @@ def bench_spectral(args) -> list[dict]:
     rows.append({"what": "train step (original)", "batch": bs_train, "samples_s": bs_train / a})
     rows.append({"what": "train step (ours)", "batch": bs_train, "samples_s": step_rate, "speedup": a / b})
     print(f"  train step b{bs_train}: original {bs_train / a:.3g}/s, ours {step_rate:.3g}/s ({a / b:.2f}x)", flush=True)
+    bf16 = device.type == "cpu" and cpu_has_native_bf16()
+    if bf16:   # --amp bf16 (CR_recon has no CPU autocast: its use_amp is CUDA-only), against the same fp32 step
+        ref_bf, ours_bf = _spectral_models({})
+        orig_step, bf16_step = _spectral_steps(ref_bf, ours_bf, x, y, device, torch.bfloat16)
+        t_orig, t_bf = [], []
+        for _ in range(args.repeats):
+            t_orig.append(timed(orig_step, 1, warmup=1 if not t_orig else 0))
+            t_bf.append(timed(bf16_step, 1, warmup=1 if not t_bf else 0))
+        a2, b2 = statistics.median(t_orig), statistics.median(t_bf)
+        rows.append({"what": "train step (ours, --amp bf16)", "batch": bs_train, "samples_s": bs_train / b2,
+                     "speedup": a2 / b2, "original_samples_s_same_rounds": bs_train / a2})
+        print(f"  train step b{bs_train} --amp bf16: original {bs_train / a2:.3g}/s, ours {bs_train / b2:.3g}/s "
+              f"({a2 / b2:.2f}x)", flush=True)
 
     if device.type == "cpu":   # where the time goes, on a smaller batch
         xs, ys = x[:16], y[:16]
@@ -1102,6 +1129,9 @@ def bench_spectral(args) -> list[dict]:
     graph = SpectraGraph(ours_cl, map_to_pm1=False, streams=streams).eval()
     variants = {"original": (ref, xi, total), "ours, one stream": (ours_cl, xi_cl, total),
                 "ours": (lambda v: graph(v)[0], xi_cl, total // streams)}
+    if bf16:   # infer.py --amp bf16
+        graph_bf16 = SpectraGraph(ours_cl, map_to_pm1=False, streams=streams, amp_dtype=torch.bfloat16).eval()
+        variants["ours, --amp bf16"] = (lambda v: graph_bf16(v)[0], xi_cl, total // streams)
     if device.type != "cpu" or streams == 1:
         variants.pop("ours, one stream")
     times = {k: [] for k in variants}
@@ -1112,7 +1142,9 @@ def bench_spectral(args) -> list[dict]:
                 torch.set_num_threads(threads)
                 times[k].append(timed(lambda: fn(inp if device.type == "cpu" else xi), 1, warmup=1 if not times[k] else 0))
         torch.set_num_threads(total // streams)
-        err = float((ref(xi[:8]) - graph(xi_cl[:8])[0]).abs().max())
+        expected = ref(xi[:8])
+        err = float((expected - graph(xi_cl[:8])[0]).abs().max())
+        err_bf16 = float((expected - graph_bf16(xi_cl[:8])[0]).abs().max() / expected.abs().max()) if bf16 else None
         torch.set_num_threads(total)
     a = statistics.median(times["original"])
     rows.append({"what": "inference (original, eval + no_grad)", "batch": bs_infer, "structures_s": bs_infer / a})
@@ -1120,9 +1152,10 @@ def bench_spectral(args) -> list[dict]:
         if k == "original":
             continue
         b = statistics.median(times[k])
-        what = f"inference ({k}: channels_last + inference_mode{f', {streams} streams' if k == 'ours' and streams > 1 else ''})"
+        what = f"inference ({k}: channels_last + inference_mode{f', {streams} streams' if k != 'ours, one stream' and streams > 1 else ''})"
         rows.append({"what": what, "batch": bs_infer, "structures_s": bs_infer / b, "speedup": a / b,
-                     **({"max_abs_diff": err} if k == "ours" else {})})
+                     **({"max_abs_diff": err} if k == "ours" else {}),
+                     **({"max_diff_relative_to_max_output": err_bf16} if k == "ours, --amp bf16" else {})})
         print(f"  inference b{bs_infer}: original {bs_infer / a:.3g}/s, {k} {bs_infer / b:.3g}/s ({a / b:.2f}x)", flush=True)
     print(f"  inference max |diff| {err:.2g}", flush=True)
 

@@ -14,18 +14,19 @@ out_len 30) and sign-flipped to positive values. CR_recon calls this layout "BGG
 A 180-degree rotation of the unit cell maps cell [0,0] onto [1,1] and [0,1] onto [1,0]: its
 spectra are the original's with R and B swapped (G stays: both G cells hold the same spectrum).
 
-Memory: the files are memory-mapped and read row by row; only the valid-row index and the sampled
-targets (M x 3 x out_len floats, 38 MB for 105,601 rows) are held. Pages a process has read are
-released from its mapping every few thousand rows, so the resident memory stays small while the
-page cache keeps the data warm (CR_recon concatenated everything into RAM: about 5 GB).
+Memory: the files are read row by row with positional reads; only the valid-row index and the
+sampled targets (M x 3 x out_len floats, 38 MB for 105,601 rows) are held. Nothing is mapped, so a
+process's resident memory does not grow with the rows it has read, while the operating system's page
+cache (shared by the DataLoader workers, and given back under memory pressure) keeps the data warm
+(CR_recon concatenated everything into RAM: about 5 GB).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,6 @@ FIRST_NM = 400.0                      # CR_recon's assumption: index 0 is 400 nm
 CELL_LAYOUT = (("R", "G"), ("G", "B"))
 SPLIT_FORMAT = "cr-spectral-split/1"
 BUILTIN_VERSION = "spectral-4"
-RELEASE_EVERY = 2048                  # rows read between releases of mapped pages
 SCAN_ROWS = 1024                      # spectra rows per chunk when scanning (4 MB)
 STRUCT_SCAN_ROWS = 128                # structure rows per chunk when grouping them (2 MB)
 
@@ -75,10 +75,14 @@ def rotate_structure(s):
     return np.flip(s, axis=(-2, -1)) if isinstance(s, np.ndarray) else s.flip(-2, -1)
 
 
-# ---------------------------------------------------------------- one memory-mapped .npy file
-class NpyMap:
-    """A read-only memory map of a .npy file. The header is checked here (no pickled objects, C
-    order, the file long enough for its shape); rows are read as copies."""
+# ---------------------------------------------------------------- one .npy file, read by rows
+class NpyRows:
+    """Rows of a .npy file, read on demand. The header is checked here (no pickled objects, C
+    order, the file long enough for its shape); each read is one seek and read into a new array.
+
+    A memory map would do the same reads, but every page a process touched would count towards its
+    resident memory (with 2 workers and random access on 2 x 100,000 rows the processes held 2.1 GB
+    of mapped pages between releases); reads leave the data in the page cache only."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -103,39 +107,51 @@ class NpyMap:
         size = self.path.stat().st_size
         if size < need:
             raise UserError(f"{self.path}: file is truncated ({size} bytes, its header needs {need})")
-        self._mm = None
-        self._reads = 0
+        self._file = None
+        self._pid = None
+        self._lock = threading.Lock()
 
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 0
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+    def _open(self):
+        if self._file is None or self._pid != os.getpid():   # a forked worker opens its own
+            self._file, self._pid = open(self.path, "rb", buffering=0), os.getpid()
+        return self._file
 
     def read(self, start: int, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) (one row without the leading axis when stop is None), as a copy."""
+        """Rows [start, stop) (one row without the leading axis when stop is None), as a new array."""
         n = 1 if stop is None else stop - start
-        a = np.frombuffer(self._map(), dtype=self.dtype, count=n * self.row_bytes // self.dtype.itemsize,
-                          offset=self.offset + start * self.row_bytes).reshape((n, *self.row_shape)).copy()
-        self._reads += n
-        if self._reads >= RELEASE_EVERY:
-            self.release()
-        return a[0] if stop is None else a
+        out = np.empty((n, *self.row_shape), self.dtype)
+        buf, offset = memoryview(out.reshape(-1).view(np.uint8)), self.offset + start * self.row_bytes
+        got = 0
+        with self._lock:       # seek and read stay together
+            f = self._open()
+            f.seek(offset)
+            while got < len(buf):
+                k = f.readinto(buf[got:])
+                if not k:
+                    break
+                got += k
+        if got != len(buf):
+            raise UserError(f"{self.path}: file ended at row {start} (was it truncated while in use?)")
+        return out[0] if stop is None else out
 
     def release(self) -> None:
-        """Drop this process's mapped pages (they stay in the page cache)."""
-        self._reads = 0
-        if self._mm is not None and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
+        """Close this process's file (the next read opens it again)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
 
-    def __getstate__(self):   # DataLoader workers started with spawn reopen the file themselves
+    def __getstate__(self):   # DataLoader workers started with spawn open the file themselves
         state = dict(self.__dict__)
-        state["_mm"] = None
+        state["_file"], state["_pid"], state["_lock"] = None, None, None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 # ---------------------------------------------------------------- the raw data set
@@ -178,7 +194,7 @@ class RawData:
         self.out_len = out_len
         self.structs, self.spectra = [], []
         for sp, tp in zip(struct_files, spectra_files):
-            s, t = NpyMap(sp), NpyMap(tp)
+            s, t = NpyRows(sp), NpyRows(tp)
             if len(s.shape) != 4 or s.row_shape != STRUCT_SHAPE:
                 raise UserError(f"{sp}: structures must have shape (N,1,128,128), found {s.shape}")
             if s.dtype not in (np.dtype(np.uint8), np.dtype(bool)):
