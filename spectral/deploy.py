@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.device import autocast, on_batch_halves
+from common.device import autocast, in_chunks, on_batch_halves
 from common.io import UserError
 from common.onnx import ExportSpec
 from spectral.data import CELL_LAYOUT, STRUCT_SHAPE, wavelengths_nm
@@ -34,13 +34,16 @@ INPUT_NAMES = ["structure"]
 OUTPUT_NAMES = ["spectra"]
 INPUT_SIZE = STRUCT_SHAPE[1:]
 DOWNSAMPLING = 32                 # five stride-2 stages: a side of n px gives ceil(n / 32) feature rows
+CPU_CHUNK = 16                    # samples per micro-batch on the CPU: 1 MB of activation per sample
+                                  # at the widest layer keeps each under malloc's mmap threshold
 
 
 class SpectraGraph(nn.Module):
     """structure in {0, 1} -> (spectra,), exactly what spectral/infer.py computes per batch.
 
     streams=2 (CPU inference, common.device.cpu_streams): the two halves of the batch at once, in
-    two threads; the same numbers as one call.
+    two threads; the same numbers as one call. CPU inference runs in micro-batches of CPU_CHUNK
+    (common.device.in_chunks), also the same numbers.
     amp_dtype: the model under autocast (infer.py --amp; None: fp32, CR_recon's numbers); autocast
     is per thread, so each stream enters it."""
 
@@ -58,6 +61,8 @@ class SpectraGraph(nn.Module):
 
     def _model(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.amp_dtype):
+            if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+                return in_chunks(self.model, x, CPU_CHUNK)
             return self.model(x)
 
 

@@ -129,6 +129,16 @@ def test_two_cpu_streams_give_the_same_spectra(originals, structs, tmp_path):
     assert np.abs(outs[2] - reference(model, s)).max() <= 1e-5
     assert np.abs(outs[2] - outs[1]).max() <= 1e-6
 
+    # a batch of several micro-batches per stream, channels_last, as infer.py runs it
+    from spectral.deploy import CPU_CHUNK, SpectraGraph
+    from spectral.infer import load_model
+    ours, _ = load_model(weights, cfg)
+    big = random_structures(2 * CPU_CHUNK + 5, np.random.default_rng(3))
+    x = torch.from_numpy(big.astype(np.float32)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        pred = SpectraGraph(ours.to(memory_format=torch.channels_last), True, streams=2).eval()(x)[0].numpy()
+    assert np.abs(pred - reference(model, big)).max() <= 1e-5
+
 
 def test_amp_bf16_in_both_streams(originals, structs, tmp_path, capsys):
     """--amp bf16 on the CPU: both halves of the batch (two threads; autocast is per thread) run in
@@ -187,6 +197,19 @@ def test_on_batch_halves_runs_the_second_half_in_the_worker():
     with torch.no_grad():                       # not in inference mode: one stream, as before
         SpectraGraph(Recorder(), map_to_pm1=True, streams=1).eval()(x)
     assert seen == [(5, True, False)]
+
+    # a large batch: micro-batches of CPU_CHUNK in each stream, concatenated in order
+    from spectral.deploy import CPU_CHUNK
+    big = torch.arange(2.0 * CPU_CHUNK + 8)[:, None]
+    seen.clear()
+    with torch.inference_mode():
+        assert torch.equal(SpectraGraph(Recorder(), map_to_pm1=False, streams=1).eval()(big)[0], big * 2)
+        assert [n for n, _, _ in seen] == [CPU_CHUNK, CPU_CHUNK, 8]
+        seen.clear()
+        assert torch.equal(graph(big)[0], (big * 2 - 1) * 2)
+    half = CPU_CHUNK + 4
+    assert sorted(seen) == sorted([(CPU_CHUNK, True, True), (half - CPU_CHUNK, True, True),
+                                   (CPU_CHUNK, False, True), (half - CPU_CHUNK, False, True)])
 
 
 @pytest.mark.parametrize("key", ["xattn_small_zero", "gru_default_zero", "gru_small"])
