@@ -197,13 +197,15 @@ def test_crbl_export_head_is_the_original_math():
 
 
 def test_crbl_two_streams_give_identical_outputs():
-    """crbl/infer.py's CPU default (backbones in two threads, head on two halves) = one stream, exactly."""
+    """crbl/infer.py's CPU default (backbones in two threads in micro-batches of CPU_CHUNK, head on
+    two halves) = one stream, exactly."""
+    from crbl.deploy import CPU_CHUNK
     torch.manual_seed(3)
     model = randomize_bn(CRBL(), 3)
-    x = torch.rand(3, 3, 128, 128)
+    x = torch.rand(CPU_CHUNK + 3, 3, 128, 128)
     with torch.inference_mode():
         one = CRBLProbability(model)(x)[0]
-        for batch in (1, 2, 3):
+        for batch in (1, 2, 3, CPU_CHUNK + 3):
             assert torch.equal(CRBLProbability(model, streams=2)(x[:batch])[0], one[:batch])
 
 
