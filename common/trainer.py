@@ -71,6 +71,21 @@ def batch_size_of(batch) -> int:
     return 1
 
 
+def split_batch(batch, rows: int) -> list:
+    """A batch (tensors with a common first dimension, in nested tuples/lists/dicts) as micro-batches
+    of `rows` samples; anything that is not a tensor goes to every micro-batch as it is."""
+    def part(b, lo, hi):
+        if isinstance(b, torch.Tensor):
+            return b[lo:hi]
+        if isinstance(b, dict):
+            return {k: part(v, lo, hi) for k, v in b.items()}
+        if isinstance(b, (list, tuple)):
+            return type(b)(part(v, lo, hi) for v in b)
+        return b
+    n = batch_size_of(batch)
+    return [part(batch, lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader,
                  loss_fn: Callable, *, out_dir: str | Path, epochs: int, device: torch.device,
@@ -82,7 +97,7 @@ class Trainer:
                  save_every: int = 0, seed: int = 0, config=None,
                  on_step: Callable | None = None, on_epoch: Callable | None = None,
                  extra_state: Callable[[], dict] | None = None, progress: bool = True,
-                 nonfinite: str = "stop"):
+                 nonfinite: str = "stop", micro_batch: int | None = None):
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError("scheduler_interval must be 'step' or 'epoch'")
         if mode not in ("min", "max"):
@@ -90,6 +105,10 @@ class Trainer:
         if nonfinite not in ("stop", "skip"):
             raise ValueError("nonfinite must be 'stop' or 'skip'")
         self.nonfinite = nonfinite  # a NaN/inf loss or gradient: stop the run, or skip that update
+        # forward and backward of each batch in micro-batches of this many samples (the same gradient
+        # for a model whose samples do not interact, no BatchNorm, and a loss that is a mean over
+        # samples; on the CPU it keeps activations small: see common.device.in_chunks)
+        self.micro_batch = micro_batch
         self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
         self.out_dir, self.epochs, self.device = Path(out_dir), epochs, device
         self.info = info or DistInfo()
@@ -275,12 +294,16 @@ class Trainer:
             sync = self.info.enabled and not last_micro and hasattr(self.model, "no_sync")
             ctx = self.model.no_sync() if sync else contextlib.nullcontext()
             with ctx:
-                with self.autocast():
-                    out = self.loss_fn(self.model, batch)
-                loss, logs = out if isinstance(out, tuple) else (out, {})
-                agreed_stop, bad = self._guard(loss, epoch, i)
-                if not bad:
-                    self.scaler.scale(loss / self.accum_steps).backward()
+                if self.micro_batch and batch_size_of(batch) > self.micro_batch:
+                    loss, logs = self._forward_backward_in_parts(batch)
+                    agreed_stop, bad = self._guard(loss, epoch, i)   # a bad window's gradients are dropped
+                else:
+                    with self.autocast():
+                        out = self.loss_fn(self.model, batch)
+                    loss, logs = out if isinstance(out, tuple) else (out, {})
+                    agreed_stop, bad = self._guard(loss, epoch, i)
+                    if not bad:
+                        self.scaler.scale(loss / self.accum_steps).backward()
             window_bad |= bad
             if last_micro:
                 if window_bad or not self._optimizer_step(epoch, i):
@@ -355,6 +378,25 @@ class Trainer:
                        mid_epoch={"batch": done, "loss_sum": float(loss_sum), "n_batches": n_batches,
                                   "n_samples": n_samples, "extra_sums": dict(extra_sums), "skipped": skipped})
         barrier(self.info)
+
+    def _forward_backward_in_parts(self, batch) -> tuple[torch.Tensor, dict]:
+        """Backward of the batch's mean loss, one micro-batch at a time (each part's loss weighted by
+        its share of the batch); returns that loss and the logs, weighted alike."""
+        n = batch_size_of(batch)
+        parts = split_batch(batch, self.micro_batch)
+        total, logs = 0.0, {}
+        for j, part in enumerate(parts):
+            share = batch_size_of(part) / n
+            quiet = j + 1 < len(parts) and self.info.enabled and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if quiet else contextlib.nullcontext():   # one all-reduce per batch
+                with self.autocast():
+                    out = self.loss_fn(self.model, part)
+                loss, part_logs = out if isinstance(out, tuple) else (out, {})
+                self.scaler.scale(loss * (share / self.accum_steps)).backward()
+            total = total + loss.detach() * share
+            for k, v in part_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) * share
+        return total, logs
 
     def _guard(self, loss: torch.Tensor, epoch: int, i: int) -> tuple[bool, bool]:
         """(stop, bad): whether any process was asked to stop (Ctrl-C), so that all of them stop at

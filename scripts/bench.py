@@ -907,11 +907,12 @@ def _spectral_models(params: dict):
 
 def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     """The original Trainer's step (transcribed: AdamW 0.9/0.95, clip 1.0, LambdaLR per step, fp32
-    on the CPU) and ours as train.py runs it through common's Trainer (channels_last on the CPU,
-    fused AdamW, the same clipping and schedule; `amp`: the forward under autocast, as --amp bf16,
-    the loss in fp32)."""
+    on the CPU) and ours as train.py runs it through common's Trainer (channels_last and micro-batches
+    of CPU_CHUNK on the CPU, fused AdamW, the same clipping and schedule; `amp`: the forward under
+    autocast, as --amp bf16, the loss in fp32)."""
     from common.device import autocast
     from common.schedulers import warmup_cosine
+    from spectral.deploy import CPU_CHUNK
     from spectral.losses import build_loss
     from tests.spectral_ref import original
 
@@ -924,11 +925,14 @@ def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.005, betas=(0.9, 0.95), eps=1e-8, fused=True)
     sched = warmup_cosine(opt, 10_000, 500)
 
+    chunk = CPU_CHUNK if cl else len(x)    # train.py's micro-batches on the CPU (Trainer(micro_batch=...))
+
     def ours_step():
         model.train()
-        with autocast(device, amp):
-            loss = criterion(model(xx), y)
-        loss.backward()
+        for xs, ys in zip(xx.split(chunk), y.split(chunk)):
+            with autocast(device, amp):
+                loss = criterion(model(xs), ys)
+            (loss * (len(xs) / len(xx))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

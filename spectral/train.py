@@ -41,6 +41,7 @@ from common.schedulers import warmup_cosine
 from common.trainer import Trainer, run_finished
 from spectral.config import DEFAULT_CONFIG, check_config, load_config, resolve_data_files, to_yaml
 from spectral.dashboard import DEFAULT_HOST, DEFAULT_PORT, Dashboard, LiveLog, check_port
+from spectral.deploy import CPU_CHUNK
 from spectral.data import (BUILTIN_VERSION, RawData, SpectralDataset, find_parts, load_split, make_builtin_dataset,
                            make_split, save_split, to_cells)
 from spectral.losses import build_loss, finish_metrics, spectral_metrics
@@ -244,6 +245,9 @@ def main(argv=None):
     run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"]))
     main_rank = run.info.is_main
     channels_last = run.device.type == "cpu" if args.channels_last is None else args.channels_last
+    # on the CPU each batch is computed in micro-batches (the same gradient: GroupNorm and both
+    # losses are per sample), which keeps every activation under malloc's mmap threshold
+    micro_batch = CPU_CHUNK if run.device.type == "cpu" else None
     if main_rank:
         print(f"config: {source}")
         if builtin:
@@ -334,7 +338,8 @@ def main(argv=None):
                       monitor="val_loss", mode="min", amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,
                       clip_grad=tr["grad_clip"] or None, channels_last=channels_last,
                       save_every=tr["save_every"], seed=cfg["seed"], config=config, on_step=on_step,
-                      on_epoch=on_epoch, extra_state=extra_state, progress=not args.no_progress)
+                      on_epoch=on_epoch, extra_state=extra_state, progress=not args.no_progress,
+                      micro_batch=micro_batch)
     if ckpt is not None and run_finished(ckpt, tr["epochs"], None):
         if main_rank:
             print(f"{args.resume}: the run already did all {tr['epochs']} epochs; nothing to do")
@@ -353,7 +358,8 @@ def main(argv=None):
         print(f"model: {model_name}, {n_params:,} parameters; loss: {cfg['loss']['name']} {cfg['loss']['params']}")
         print(f"training: {tr['epochs']} epoch(s) x {steps_per_epoch} step(s) of {bs}, AdamW lr {tr['lr']:g} "
               f"(warm-up {int(tr['warmup_ratio'] * total_steps)} steps, cosine), weight decay {tr['weight_decay']:g}, "
-              f"clip {tr['grad_clip']:g}, amp {amp}, channels_last {channels_last}")
+              f"clip {tr['grad_clip']:g}, amp {amp}, channels_last {channels_last}"
+              + (f", micro-batches of {micro_batch}" if micro_batch and bs > micro_batch else ""))
         print(f"baseline: predicting the mean training spectrum gives val_loss {baseline:.4g} (val_mse {baseline_mse:.4g})")
     try:
         result = trainer.fit(resume=args.resume)

@@ -191,6 +191,48 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, before)
 
 
+def test_micro_batches_give_the_same_training_as_whole_batches(tmp_path):
+    """micro_batch=3 on batches of 8: forward/backward on parts of 3, 3, 2, the same updates, losses
+    and logs as whole batches (a model without BatchNorm and a mean loss); a NaN part still stops."""
+    from common.trainer import Trainer, split_batch
+
+    parts = split_batch({"x": torch.arange(8), "y": (torch.arange(8) * 2, "tag")}, 3)
+    assert [p["x"].tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert parts[2]["y"][0].tolist() == [12, 14] and parts[2]["y"][1] == "tag"
+
+    def run(micro, out, poison=False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(144, 2))
+        sizes = []
+
+        def loss_fn(m, batch):
+            x, y = batch
+            sizes.append(len(x))
+            logits = m(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            if poison and len(sizes) == 5:
+                loss = loss * float("nan")
+            return loss, {"mean_logit": float(logits.detach().mean())}
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)     # updates linear in the gradient
+        trainer = Trainer(model, opt, _loader(n=32, bs=8), loss_fn, out_dir=out, epochs=2, device=torch.device("cpu"),
+                          progress=False, accum_steps=2, micro_batch=micro)
+        return model, trainer.fit(), sizes
+
+    whole, h_whole, s_whole = run(None, tmp_path / "whole")
+    parts_model, h_parts, s_parts = run(3, tmp_path / "parts")
+    assert s_whole == [8] * 8 and s_parts == [3, 3, 2] * 8
+    for a, b in zip(whole.parameters(), parts_model.parameters()):
+        assert (a - b).abs().max() <= 1e-6
+    for a, b in zip(h_whole["history"], h_parts["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["train_mean_logit"] == pytest.approx(b["train_mean_logit"], rel=1e-5, abs=1e-7)
+    from common.trainer import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match="batch 2"):
+        run(3, tmp_path / "nan", poison=True)
+
+
 def test_nonfinite_skip_drops_only_those_updates_and_counts_them(tmp_path):
     from common.trainer import Trainer
     torch.manual_seed(0)

@@ -29,7 +29,8 @@ from spectral.train import main as train_main
 from tests.spectral_ref import original
 from tests.test_spectral_data import write_raw
 
-TINY = {"seed": 1, "data": {"out_len": 30, "batch_size": 8, "num_workers": 0, "train_ratio": 0.75},
+# batch 20 > spectral.deploy.CPU_CHUNK: the runs (and the exact resume) go through the CPU micro-batches
+TINY = {"seed": 1, "data": {"out_len": 30, "batch_size": 20, "num_workers": 0, "train_ratio": 0.75},
         "model": {"name": "cnn_xattn", "params": {"d_model": 32, "nhead": 4, "dec_layers": 1, "ff_mult": 1}},
         "loss": {"name": "mse_pearson", "params": {"w_mse": 0.5, "w_corr": 0.5}},
         "training": {"epochs": 2, "lr": 3e-4, "save_every": 1, "warmup_ratio": 0.2}}
@@ -69,6 +70,7 @@ def read_log(run: Path) -> list[dict]:
 
 def test_outputs_and_validation_metrics_recomputed_with_the_original(trained, work):
     run, result, out = trained
+    assert "micro-batches of 16" in out
     for name in ("best.pt", "last.pt", "epoch_0001.pt", "epoch_0002.pt", "split.json", "config.yaml",
                  "train_log.txt", "log.csv", "loss_curve.png"):
         assert (run / name).is_file(), name
