@@ -908,12 +908,12 @@ def _spectral_models(params: dict):
 def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     """The original Trainer's step (transcribed: AdamW 0.9/0.95, clip 1.0, LambdaLR per step, fp32
     on the CPU) and ours as train.py runs it through common's Trainer (channels_last and micro-batches
-    of CPU_CHUNK on the CPU, fused AdamW, the same clipping and schedule; `amp`: the forward under
+    of TRAIN_MICRO_BATCH on the CPU, fused AdamW, the same clipping and schedule; `amp`: the forward under
     autocast, as --amp bf16, the loss in fp32)."""
     from common.device import autocast
     from common.schedulers import warmup_cosine
-    from spectral.deploy import CPU_CHUNK
     from spectral.losses import build_loss
+    from spectral.train import TRAIN_MICRO_BATCH
     from tests.spectral_ref import original
 
     orig_step = original.OriginalStep(ref, original.get_loss("mse_pearson", w_mse=0.5, w_corr=0.5), lr=1e-4,
@@ -925,7 +925,7 @@ def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.005, betas=(0.9, 0.95), eps=1e-8, fused=True)
     sched = warmup_cosine(opt, 10_000, 500)
 
-    chunk = CPU_CHUNK if cl else len(x)    # train.py's micro-batches on the CPU (Trainer(micro_batch=...))
+    chunk = TRAIN_MICRO_BATCH if cl else len(x)    # train.py's micro-batches on the CPU (Trainer(micro_batch=...))
 
     def ours_step():
         model.train()

@@ -29,7 +29,7 @@ from spectral.train import main as train_main
 from tests.spectral_ref import original
 from tests.test_spectral_data import write_raw
 
-# batch 20 > spectral.deploy.CPU_CHUNK: the runs (and the exact resume) go through the CPU micro-batches
+# batch 20 in micro-batches of 8 (see small_micro_batches): the runs and the exact resume go through them
 TINY = {"seed": 1, "data": {"out_len": 30, "batch_size": 20, "num_workers": 0, "train_ratio": 0.75},
         "model": {"name": "cnn_xattn", "params": {"d_model": 32, "nhead": 4, "dec_layers": 1, "ff_mult": 1}},
         "loss": {"name": "mse_pearson", "params": {"w_mse": 0.5, "w_corr": 0.5}},
@@ -43,6 +43,14 @@ def call(*argv):
 
 def cli_error(capsys, *argv) -> str:
     return helpers.cli_error(train_main, *argv, capsys=capsys)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_micro_batches():
+    import spectral.train
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral.train, "TRAIN_MICRO_BATCH", 8)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,7 @@ def read_log(run: Path) -> list[dict]:
 
 def test_outputs_and_validation_metrics_recomputed_with_the_original(trained, work):
     run, result, out = trained
-    assert "micro-batches of 16" in out
+    assert "micro-batches of 8" in out
     for name in ("best.pt", "last.pt", "epoch_0001.pt", "epoch_0002.pt", "split.json", "config.yaml",
                  "train_log.txt", "log.csv", "loss_curve.png"):
         assert (run / name).is_file(), name
