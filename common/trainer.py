@@ -104,6 +104,8 @@ class Trainer:
             raise ValueError("mode must be 'min' or 'max'")
         if nonfinite not in ("stop", "skip"):
             raise ValueError("nonfinite must be 'stop' or 'skip'")
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError("micro_batch must be a positive number of samples, or None")
         self.nonfinite = nonfinite  # a NaN/inf loss or gradient: stop the run, or skip that update
         # forward and backward of each batch in micro-batches of this many samples (the same gradient
         # for a model whose samples do not interact, no BatchNorm, and a loss that is a mean over

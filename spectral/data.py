@@ -14,11 +14,11 @@ out_len 30) and sign-flipped to positive values. CR_recon calls this layout "BGG
 A 180-degree rotation of the unit cell maps cell [0,0] onto [1,1] and [0,1] onto [1,0]: its
 spectra are the original's with R and B swapped (G stays: both G cells hold the same spectrum).
 
-Memory: the files are read row by row with positional reads; only the valid-row index and the
-sampled targets (M x 3 x out_len floats, 38 MB for 105,601 rows) are held. Nothing is mapped, so a
-process's resident memory does not grow with the rows it has read, while the operating system's page
-cache (shared by the DataLoader workers, and given back under memory pressure) keeps the data warm
-(CR_recon concatenated everything into RAM: about 5 GB).
+Memory: the files are read row by row (a seek and a read per row or block); only the valid-row
+index and the sampled targets (M x 3 x out_len floats, 38 MB for 105,601 rows) are held. Nothing
+is mapped, so a process's resident memory does not grow with the rows it has read, while the
+operating system's page cache (shared by the DataLoader workers, and given back under memory
+pressure) keeps the data warm (CR_recon concatenated everything into RAM: about 5 GB).
 """
 from __future__ import annotations
 
