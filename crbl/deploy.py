@@ -48,7 +48,12 @@ class CRBLProbability(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
         parallel = (self._pool is not None and image.device.type == "cpu" and not torch.is_grad_enabled()
                     and not torch.onnx.is_in_onnx_export() and not self.model.training)
-        logits = self._two_streams(image) if parallel else self.model(image)
+        if parallel:
+            logits = self._two_streams(image)
+        elif image.device.type == "cpu" and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            logits = in_chunks(self.model, image, CPU_CHUNK)
+        else:
+            logits = self.model(image)
         return (torch.sigmoid(logits.float())[:, 0],)
 
     def _two_streams(self, image: torch.Tensor) -> torch.Tensor:

@@ -1131,7 +1131,8 @@ def bench_spectral(args) -> list[dict]:
     total = torch.get_num_threads()
     streams = 2 if device.type == "cpu" and total >= 2 else 1
     graph = SpectraGraph(ours_cl, map_to_pm1=False, streams=streams).eval()
-    variants = {"original": (ref, xi, total), "ours, one stream": (ours_cl, xi_cl, total),
+    graph_one = SpectraGraph(ours_cl, map_to_pm1=False, streams=1).eval()   # infer.py --threads 1, all threads
+    variants = {"original": (ref, xi, total), "ours, one stream": (lambda v: graph_one(v)[0], xi_cl, total),
                 "ours": (lambda v: graph(v)[0], xi_cl, total // streams)}
     if bf16:   # infer.py --amp bf16
         graph_bf16 = SpectraGraph(ours_cl, map_to_pm1=False, streams=streams, amp_dtype=torch.bfloat16).eval()
@@ -1156,7 +1157,7 @@ def bench_spectral(args) -> list[dict]:
         if k == "original":
             continue
         b = statistics.median(times[k])
-        what = f"inference ({k}: channels_last + inference_mode{f', {streams} streams' if k != 'ours, one stream' and streams > 1 else ''})"
+        what = f"inference ({k}: channels_last + inference_mode + micro-batches{f', {streams} streams' if k != 'ours, one stream' and streams > 1 else ''})"
         rows.append({"what": what, "batch": bs_infer, "structures_s": bs_infer / b, "speedup": a / b,
                      **({"max_abs_diff": err} if k == "ours" else {}),
                      **({"max_diff_relative_to_max_output": err_bf16} if k == "ours, --amp bf16" else {})})

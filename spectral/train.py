@@ -49,8 +49,8 @@ from spectral.model import build_model
 TASK = "spectral"
 # On the CPU each batch is computed in micro-batches of this many samples (the same gradient:
 # GroupNorm and both losses are per sample), which keeps most activations under malloc's mmap
-# threshold (common.device.in_chunks). Measured on cnn_xattn at batch 64: 16 -> 1.34x, 32 -> 1.43x
-# the original step, whole batches 1.09x.
+# threshold (common.device.in_chunks). Measured on cnn_xattn at batch 64 against the original step,
+# two interleaved runs: 16 -> 1.28x / 1.34x, 32 -> 1.34x / 1.43x; whole batches 1.09x (first run).
 TRAIN_MICRO_BATCH = 32
 # The built-in demo: CR_recon's default model and loss, a recipe that learns in about a minute on a CPU
 DEMO = {"data": {"batch_size": 8, "train_ratio": 0.9, "num_workers": 0},
