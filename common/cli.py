@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common.device import AMP_CHOICES, amp_dtype, select_device
+from common.device import AMP_CHOICES, amp_dtype, reuse_freed_memory, select_device
 from common.distributed import DistInfo, init_distributed, local_device
 from common.io import UserError, load_untrusted, make_output_dir, remove_stale_temp_files, set_max_image_pixels
 from common.repro import seed_everything
@@ -140,10 +140,12 @@ def auto_threads(sample_s: float = 0.2, read=_cpu_times) -> tuple[int, str]:
 
 
 def apply_runtime_args(args: argparse.Namespace) -> None:
-    """--threads and --max-image-pixels: call once at the start of any script that has them.
+    """--threads and --max-image-pixels, and malloc's reuse of freed memory (`reuse_freed_memory`):
+    call once at the start of any script.
 
     --threads 0 picks `auto_threads()`. The count used is written back into args, so a training
     checkpoint records it and a resume uses it again (it can change the last bits of the results)."""
+    reuse_freed_memory()
     if hasattr(args, "threads"):
         n, why = (args.threads, "--threads") if args.threads else auto_threads()
         torch.set_num_threads(n)

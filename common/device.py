@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
+import os
+import sys
 
 import torch
 
@@ -126,6 +129,30 @@ def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] <= rows:
         return fn(x)
     return torch.cat([fn(part) for part in x.split(rows)])
+
+
+# The same page faults hit blocks of exactly 32 MB and more (a micro-batch of 32 spectral structures
+# at the stem) and the heaps of worker threads, which glibc shrinks whenever their free top exceeds
+# the trim threshold. With malloc told to take every block from the heap and to keep up to 1 GiB of
+# freed memory there, freed activations are reused: measured on 2 cores, the spectral training step
+# 30.3 -> 32.9 samples/s and CRBL inference 113-135 -> 132-140 images/s (each its own process).
+KEEP_FREED_BYTES = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc serve every block from the heap (no mmap) and keep up to KEEP_FREED_BYTES
+    of freed memory for reuse instead of returning it to the kernel. True when set; False (nothing
+    changed) off Linux, with another C library, or when the user set MALLOC_* / GLIBC_TUNABLES."""
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(None)              # the C library this process already runs on
+        libc.gnu_get_libc_version             # glibc only: mallopt's parameters differ elsewhere
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def on_batch_halves(fn, x: torch.Tensor, pool) -> torch.Tensor:
