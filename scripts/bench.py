@@ -127,6 +127,8 @@ def crbl_worker(argv) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
+    from common.device import reuse_freed_memory
+    reuse_freed_memory()                                # as crbl/infer.py sets up (common.cli.apply_runtime_args)
     torch.set_num_threads(a.threads)
     x = torch.rand(a.batch_size, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
     if a.engine.startswith("torch"):
@@ -941,6 +943,32 @@ def _spectral_steps(ref, ours, x, y, device, amp: torch.dtype | None = None):
     return (lambda: orig_step(x, y)), ours_step
 
 
+def spectral_step_worker(argv) -> None:
+    """One side of `bench.py spectral`'s training step in its own process: the original step, or ours
+    as spectral/train.py runs it (with its process setup, common.cli.apply_runtime_args); prints one
+    JSON line."""
+    from common.device import reuse_freed_memory
+
+    p = argparse.ArgumentParser()
+    p.add_argument("side", choices=("original", "ours", "ours_bf16"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    if a.side != "original":
+        reuse_freed_memory()
+    torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref, ours = _spectral_models({})
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 2, (a.batch_size, 1, 128, 128), generator=g).float() * 2 - 1).to(device)
+    y = torch.rand(a.batch_size, 2, 2, 30, generator=g).to(device)
+    orig_step, ours_step = _spectral_steps(ref.to(device), ours.to(device), x, y, device,
+                                           torch.bfloat16 if a.side == "ours_bf16" else None)
+    t = timed(orig_step if a.side == "original" else ours_step, a.repeats, warmup=1)
+    print(json.dumps({"samples_s": a.batch_size / t}))
+
+
 def _proc_tree_memory(pid: int) -> tuple[int, dict[int, int]]:
     """(RSS of `pid`, {pid: PSS} of `pid` and its descendants), bytes (Linux)."""
     def kids(p):
@@ -1082,34 +1110,31 @@ def bench_spectral(args) -> list[dict]:
     bs_train, bs_infer = (8, 32) if args.quick else (64, 256)
     if args.part == "data":
         return _spectral_data(args, bs_train, None)
+    bf16 = device.type == "cpu" and cpu_has_native_bf16()
+    # --amp bf16: CR_recon has no CPU autocast (its use_amp is CUDA-only); against the same fp32 original
+    sides = ["original", "ours", *(["ours_bf16"] if bf16 else [])]
+    worker = [sys.executable, str(REPO / "scripts" / "bench.py"), "_spectral_step_worker", "--batch-size",
+              str(bs_train), "--threads", str(torch.get_num_threads()), "--repeats", str(args.repeats)]
+    rates = {}
+    for r in range(max(3, args.rounds)):   # each side its own process (malloc's state is per process), alternating
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            rates.setdefault(side, []).append(_run_json(worker[:3] + [side] + worker[3:])["samples_s"])
+            print(f"  train step b{bs_train}, round {r + 1}: {side} {rates[side][-1]:.3g}/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    step_rate = med["ours"]
+    rows.append({"what": "train step (original)", "batch": bs_train, "samples_s": med["original"],
+                 "rounds": " ".join(f"{v:.1f}" for v in rates["original"])})
+    for side, what in (("ours", "ours"), ("ours_bf16", "ours, --amp bf16")):
+        if side in med:
+            rows.append({"what": f"train step ({what})", "batch": bs_train, "samples_s": med[side],
+                         "speedup": med[side] / med["original"], "rounds": " ".join(f"{v:.1f}" for v in rates[side])})
+            print(f"  train step b{bs_train} ({what}): original {med['original']:.3g}/s, {med[side]:.3g}/s "
+                  f"({med[side] / med['original']:.2f}x)", flush=True)
     ref, ours = _spectral_models({})
     ref, ours = ref.to(device), ours.to(device)
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 2, (bs_train, 1, 128, 128), generator=g).float() * 2 - 1).to(device)
     y = torch.rand(bs_train, 2, 2, 30, generator=g).to(device)
-    orig_step, ours_step = _spectral_steps(ref, ours, x, y, device)
-    t_orig, t_ours = [], []
-    for _ in range(args.repeats):   # interleaved, so drift in machine load hits both alike
-        t_orig.append(timed(orig_step, 1, warmup=1 if not t_orig else 0))
-        t_ours.append(timed(ours_step, 1, warmup=1 if not t_ours else 0))
-    a, b = statistics.median(t_orig), statistics.median(t_ours)
-    step_rate = bs_train / b
-    rows.append({"what": "train step (original)", "batch": bs_train, "samples_s": bs_train / a})
-    rows.append({"what": "train step (ours)", "batch": bs_train, "samples_s": step_rate, "speedup": a / b})
-    print(f"  train step b{bs_train}: original {bs_train / a:.3g}/s, ours {step_rate:.3g}/s ({a / b:.2f}x)", flush=True)
-    bf16 = device.type == "cpu" and cpu_has_native_bf16()
-    if bf16:   # --amp bf16 (CR_recon has no CPU autocast: its use_amp is CUDA-only), against the same fp32 step
-        ref_bf, ours_bf = _spectral_models({})
-        orig_step, bf16_step = _spectral_steps(ref_bf, ours_bf, x, y, device, torch.bfloat16)
-        t_orig, t_bf = [], []
-        for _ in range(args.repeats):
-            t_orig.append(timed(orig_step, 1, warmup=1 if not t_orig else 0))
-            t_bf.append(timed(bf16_step, 1, warmup=1 if not t_bf else 0))
-        a2, b2 = statistics.median(t_orig), statistics.median(t_bf)
-        rows.append({"what": "train step (ours, --amp bf16)", "batch": bs_train, "samples_s": bs_train / b2,
-                     "speedup": a2 / b2, "original_samples_s_same_rounds": bs_train / a2})
-        print(f"  train step b{bs_train} --amp bf16: original {bs_train / a2:.3g}/s, ours {bs_train / b2:.3g}/s "
-              f"({a2 / b2:.2f}x)", flush=True)
 
     if device.type == "cpu":   # where the time goes, on a smaller batch
         xs, ys = x[:16], y[:16]
@@ -1183,11 +1208,13 @@ CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phasefo
 def main():
     if sys.argv[1:2] == ["_crbl_worker"]:
         return crbl_worker(sys.argv[2:])
+    if sys.argv[1:2] == ["_spectral_step_worker"]:
+        return spectral_step_worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="crbl: alternating rounds of the Keras / torch processes (>= 3)")
+    p.add_argument("--rounds", type=int, default=3, help="crbl, spectral: alternating rounds of the processes of each side (>= 3)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu and onnx sections: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
     p.add_argument("--weights", type=Path, default=None,
