@@ -139,13 +139,14 @@ def auto_threads(sample_s: float = 0.2, read=_cpu_times) -> tuple[int, str]:
     return idle, f"other programs keep {len(cpus) - idle} of {len(cpus)} cores busy"
 
 
-def apply_runtime_args(args: argparse.Namespace) -> None:
-    """--threads and --max-image-pixels, and malloc's reuse of freed memory (`reuse_freed_memory`):
-    call once at the start of any script.
+def apply_runtime_args(args: argparse.Namespace, reuse_memory: bool = False) -> None:
+    """--threads and --max-image-pixels: call once at the start of any script that has them.
+    `reuse_memory`: the script's CPU work is faster with `reuse_freed_memory` (it trades some memory).
 
     --threads 0 picks `auto_threads()`. The count used is written back into args, so a training
     checkpoint records it and a resume uses it again (it can change the last bits of the results)."""
-    reuse_freed_memory()
+    if reuse_memory:
+        reuse_freed_memory()
     if hasattr(args, "threads"):
         n, why = (args.threads, "--threads") if args.threads else auto_threads()
         torch.set_num_threads(n)
@@ -311,14 +312,15 @@ def prepare_run_dir(out: Path, *, resume: Path | None, overwrite: bool, outputs=
         print(f"removed {stale} temporary file(s) left by an interrupted write in {out}")
 
 
-def setup_run(args: argparse.Namespace, task: str, name: str, outputs=()) -> Run:
+def setup_run(args: argparse.Namespace, task: str, name: str, outputs=(), reuse_memory: bool = False) -> Run:
     """Validate the common flags, pick the device, join torchrun's group, seed, choose the run folder.
 
-    `outputs` names task-specific files or folders (glob patterns) that --overwrite also removes.
+    `outputs` names task-specific files or folders (glob patterns) that --overwrite also removes;
+    `reuse_memory` goes to apply_runtime_args.
     """
     if args.resume is not None and not args.resume.is_file():
         raise UserError(f"{args.resume}: checkpoint to resume from not found")
-    apply_runtime_args(args)
+    apply_runtime_args(args, reuse_memory)
     device = select_device(args.device)
     info = init_distributed(device)
     device = local_device(device, info)

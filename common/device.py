@@ -135,7 +135,10 @@ def in_chunks(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
 # at the stem) and the heaps of worker threads, which glibc shrinks whenever their free top exceeds
 # the trim threshold. With malloc told to take every block from the heap and to keep up to 1 GiB of
 # freed memory there, freed activations are reused: measured on 2 cores in pairs of processes with
-# and without it, the spectral training step 1.09-1.10x and CRBL inference 1.03-1.23x faster.
+# and without it, the spectral training step 1.09-1.15x faster (peak RSS 1.62 -> 1.67 GiB) and CRBL
+# inference 1.03-1.23x (0.67 -> 0.70 GiB). Not for every script: a colorize training step at
+# 512x512 was 1.28x faster but its peak grew 5.3 -> 6.9 GiB (freed blocks of 100+ MB stay in the heap,
+# fragmented), so scripts opt in (common.cli.apply_runtime_args / setup_run, reuse_memory=True).
 KEEP_FREED_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc's mallopt parameters (malloc.h)
 

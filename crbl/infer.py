@@ -124,7 +124,7 @@ def main(argv=None):
     if args.combined is not None and (single is not None or args.threshold is not None
                                       or args.model_type is not None):
         p.error("--combined takes its own two model files and --crop-threshold / --full-threshold")
-    apply_runtime_args(args)
+    apply_runtime_args(args, reuse_memory=True)    # 1.03-1.2x for ~5 % more peak memory (common.device)
     out = check_output_file(args.out or Path("runs") / "crbl" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv",
                             args.overwrite)
 

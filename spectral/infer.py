@@ -295,7 +295,7 @@ def write_plots(folder: Path, names: list[str], structs, pred: np.ndarray, limit
 
 def main(argv=None):
     args = parse_args(argv)
-    apply_runtime_args(args)
+    apply_runtime_args(args, reuse_memory=True)
     out = check_output_file(args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy",
                             args.overwrite)
     if args.csv:

@@ -246,7 +246,8 @@ def main(argv=None):
     split = load_split(split_from, raw) if split_from is not None else \
         make_split(raw, cfg["data"]["train_ratio"], cfg["seed"])
 
-    run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"]))
+    run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"]),
+                    reuse_memory=True)      # 1.1x the step for ~4 % more peak memory (common.device)
     main_rank = run.info.is_main
     channels_last = run.device.type == "cpu" if args.channels_last is None else args.channels_last
     micro_batch = TRAIN_MICRO_BATCH if run.device.type == "cpu" else None
