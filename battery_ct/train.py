@@ -402,7 +402,7 @@ def main(argv=None):
     def run_stage(stage: int, model: nn.Module, out_dir: Path, epochs: int, lr: float, resume: Path | None):
         model = model.to(run.device)
         opt = make_optimizer(model, args, lr)  # on the plain model: param groups use its BACKBONE names
-        model = wrap_model(model, run.device, run.info)
+        model = wrap_model(model, run.device, run.info, channels_last=args.channels_last)
         sched, interval = make_scheduler(opt, args, epochs, steps_per_epoch)
         # the stage's own values under their own names: the argument keys stay what the user gave,
         # which is what a --resume compares against and takes over

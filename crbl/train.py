@@ -136,7 +136,7 @@ def main(argv=None):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if run.info.is_main:
         print(f"model: CRBL {args.model_type}, {n_train:,} trainable parameters")
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=args.plateau_patience)

@@ -169,7 +169,7 @@ def main(argv=None):
         if main_rank:
             print(f"initialised from {args.init} ({info['kind']})")
     criterion = make_criterion(args, plan, run.info, run.device)
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trainable}] + ([{"params": list(criterion.parameters())}] if
                                         list(criterion.parameters()) else [])

@@ -283,7 +283,7 @@ def main(argv=None):
         start_at_the_mean(model, train_mean)
     model = model.to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, run.device, run.info)
+    model = wrap_model(model, run.device, run.info, channels_last=channels_last)
     tr = cfg["training"]
     opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"], betas=(0.9, 0.95),
                             eps=1e-8, fused=run.device.type in ("cuda", "cpu"))
