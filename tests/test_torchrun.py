@@ -1,13 +1,27 @@
-"""Training under torchrun (2 CPU processes, gloo) and built-in data made by processes at once."""
+"""Training under torchrun (2 CPU processes, gloo) and built-in data made by processes at once.
+
+Each task's train.py runs under torchrun for one short epoch on a tiny dataset in its real format;
+the Trainer's own check (common.distributed.check_replicas, a hash of every tensor gathered from
+both processes) must report identical weights. The check itself is tested here on two forked
+processes, where one of them changes a weight.
+"""
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import common.data as D
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _generate_slowly(folder):
@@ -98,3 +112,111 @@ def test_replica_check_names_the_tensors_that_differ():
     assert disagreeing([da, da, dc]) == []
     assert disagreeing([da, db]) == ["w"] and disagreeing([da, dd]) == ["n"]
     assert disagreeing([da, {k: v for k, v in da.items() if k != "h"}]) == ["h"]
+
+
+def _replica_worker(rank: int, init: str, change: bool, queue) -> None:
+    import torch.distributed as dist
+
+    from common.distributed import DistInfo, ReplicasDiverged, check_replicas, sync_buffers
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    info = DistInfo(rank, 2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        extra = torch.nn.Parameter(torch.zeros(2))   # trained outside the model (phaseformer's loss weights)
+        opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+        model(torch.randn(8, 4) + rank)               # each process's own BatchNorm statistics
+        before = model[1].running_mean.clone()
+        sync_buffers(model, info)
+        synced = torch.equal(model[1].running_mean, before) == (rank == 0)
+        if change and rank == 1:
+            with torch.no_grad():
+                extra[0] += 1e-6
+        try:
+            n = check_replicas(model, info, opt)
+            queue.put((rank, synced, f"ok {n}"))
+        except ReplicasDiverged as e:
+            queue.put((rank, synced, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_replica_check_across_two_processes(tmp_path, change):
+    """Rank 0's BatchNorm statistics go to rank 1; then identical replicas pass (the model's
+    tensors and the optimizer's parameter outside it: 7 + 1), and one changed value in rank 1's
+    optimizer-only parameter is found on both ranks, by name."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)   # the first optimizer imports a lot: once, here
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_replica_worker, args=(r, init, change, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (synced, msg)) for r, synced, msg in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0][0] and results[1][0]   # rank 1's buffers replaced by rank 0's, rank 0's kept
+    for _, msg in results.values():
+        if change:
+            assert msg.startswith("the 2 processes ended training with different values in 1 of 8 tensors "
+                                  "(optimizer.param_groups.0.params.4)"), msg
+        else:
+            assert msg == "ok 8"
+
+
+# ---------------------------------------------------------------- each task's train.py under torchrun
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    """Small datasets in each task's real format, made by the tasks' own built-in generators."""
+    import yaml
+
+    import battery_ct.data
+    import colorize.data
+    import crbl.data
+    import phaseformer.data
+    from tests.test_spectral_data import write_raw
+    root = tmp_path_factory.mktemp("torchrun-data")
+    crbl.data.make_builtin_dataset(root / "crbl", n_train=8, n_val=4, seed=3)
+    colorize.data.make_builtin_dataset(root / "colorize", n_train=12, n_test=2, size=32)
+    phaseformer.data.make_builtin_dataset(root / "phaseformer", n=10, size=32)
+    battery_ct.data.make_builtin_dataset(root / "battery_ct", batteries_per_class=4, slices_per_axis=1, size=64)
+    lines = (root / "battery_ct" / "train.txt").read_text().splitlines()
+    (root / "battery_ct" / "train_part.txt").write_text("\n".join(lines[:20]) + "\n")
+    (root / "battery_ct" / "val_part.txt").write_text("\n".join(lines[20:]) + "\n")
+    write_raw(root / "spectral", rows=(10, 10), invalid_every=5)
+    (root / "spectral.yaml").write_text(yaml.safe_dump({
+        "seed": 1, "data": {"out_len": 30, "batch_size": 8, "num_workers": 0, "train_ratio": 0.75},
+        "model": {"name": "cnn_xattn", "params": {"d_model": 32, "nhead": 4, "dec_layers": 1, "ff_mult": 1}},
+        "loss": {"name": "mse_pearson", "params": {"w_mse": 0.5, "w_corr": 0.5}},
+        "training": {"epochs": 1, "lr": 3e-4, "save_every": 0, "warmup_ratio": 0.2}}))
+    return root
+
+
+RUNS = {   # one epoch of 1-3 steps per process
+    "crbl": lambda d: ["--data", d / "crbl", "--model-type", "crop", "--epochs", 1, "--batch-size", 2],
+    "battery_ct": lambda d: ["--train-split", d / "battery_ct" / "train_part.txt", "--val-split",
+                             d / "battery_ct" / "val_part.txt", "--model", "resnet18", "--image-size", 32,
+                             "--batch-size", 4, "--epochs", 1],
+    "spectral": lambda d: ["--config", d / "spectral.yaml", "--data", d / "spectral"],
+    "colorize": lambda d: ["--data", d / "colorize", "--epochs", 1, "--img-size", 32, "--batch-size", 2,
+                           "--perceptual", 0, "--sample-every", 0],
+    "phaseformer": lambda d: ["--data", d / "phaseformer", "--val-count", 2, "--image-size", 32, "--batch-size", 2,
+                              "--niter", 0, "--niter-decay", 1, "--epochs", 1, "--perceptual", "none",
+                              "--sample-every", 0],
+}
+
+
+@pytest.mark.parametrize("task", list(RUNS))
+def test_train_py_under_torchrun_ends_with_identical_weights_on_both_processes(task, tiny_sets, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*TORCHRUN, str(REPO / task / "train.py"), *map(str, RUNS[task](tiny_sets)), "--out", str(out),
+           "--workers", "0", "--threads", "1", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    found = re.findall(r"torchrun: all 2 processes end with identical weights \((\d+) tensors compared\)", res.stdout)
+    model = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert len(found) == 1 and int(found[0]) >= len(model) > 0
+    assert res.stdout.count("run folder:") == 1 and "Traceback" not in res.stderr   # rank 0 reports
