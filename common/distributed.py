@@ -102,12 +102,23 @@ def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.cpu().tolist()]
 
 
-def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate tensors of possibly different lengths (dim 0) from every process, rank order."""
+def all_gather_cat(t: torch.Tensor | list[torch.Tensor], info: DistInfo) -> torch.Tensor:
+    """Concatenate tensors of possibly different lengths (dim 0) from every process, rank order.
+
+    `t` may be a list of this process's batch results (concatenated first): under torchrun a
+    process gets no validation sample at all when the set is smaller than the number of
+    processes, and its empty list then adds nothing."""
+    if isinstance(t, (list, tuple)):
+        t = torch.cat(list(t)) if t else None
     if not info.enabled:
+        if t is None:
+            raise ValueError("all_gather_cat: no tensors to concatenate")
         return t
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, t.detach().cpu())
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, None if t is None else t.detach().cpu())
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError("all_gather_cat: no process had tensors to concatenate")
     return torch.cat(parts)
 
 

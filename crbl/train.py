@@ -154,8 +154,8 @@ def main(argv=None):
         for x, y in val_loader:
             logits.append(m(x.to(run.device, non_blocking=True)).squeeze(1).float().cpu())
             labels.append(y)
-        logits = all_gather_cat(torch.cat(logits), run.info)
-        y = all_gather_cat(torch.cat(labels), run.info)
+        logits = all_gather_cat(logits, run.info)
+        y = all_gather_cat(labels, run.info)
         prob = torch.sigmoid(logits)
         report = classification_report(y.long(), (prob > threshold).long(), 2)
         return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)),

@@ -309,7 +309,7 @@ def main(argv=None):
                 x = x.contiguous(memory_format=torch.channels_last)
             preds.append(m(x).float().cpu())
             targets.append(y)
-        pred, tgt = all_gather_cat(torch.cat(preds), run.info), all_gather_cat(torch.cat(targets), run.info)
+        pred, tgt = all_gather_cat(preds, run.info), all_gather_cat(targets, run.info)
         out = {"val_loss": float(criterion.cpu()(pred, tgt)), **finish_metrics(spectral_metrics(pred, tgt))}
         criterion.to(run.device)
         if main_rank:

@@ -117,11 +117,16 @@ def test_replica_check_names_the_tensors_that_differ():
 def _replica_worker(rank: int, init: str, change: bool, queue) -> None:
     import torch.distributed as dist
 
-    from common.distributed import DistInfo, ReplicasDiverged, check_replicas, sync_buffers
+    from common.distributed import DistInfo, ReplicasDiverged, all_gather_cat, check_replicas, sync_buffers
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     info = DistInfo(rank, 2)
     try:
+        # a validation set smaller than the number of processes leaves rank 1 without batches
+        gathered = all_gather_cat([torch.arange(3.0), torch.ones(1)] if rank == 0 else [], info).tolist()
+        if gathered != [0.0, 1.0, 2.0, 1.0]:
+            queue.put((rank, False, f"all_gather_cat gave {gathered}"))
+            return
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
         extra = torch.nn.Parameter(torch.zeros(2))   # trained outside the model (phaseformer's loss weights)
@@ -202,7 +207,8 @@ RUNS = {   # one epoch of 1-3 steps per process
     "spectral": lambda d: ["--config", d / "spectral.yaml", "--data", d / "spectral"],
     "colorize": lambda d: ["--data", d / "colorize", "--epochs", 1, "--img-size", 32, "--batch-size", 2,
                            "--perceptual", 0, "--sample-every", 0],
-    "phaseformer": lambda d: ["--data", d / "phaseformer", "--val-count", 2, "--image-size", 32, "--batch-size", 2,
+    # one validation image: the second process evaluates none (all_gather_cat of an empty list)
+    "phaseformer": lambda d: ["--data", d / "phaseformer", "--val-count", 1, "--image-size", 32, "--batch-size", 2,
                               "--niter", 0, "--niter-decay", 1, "--epochs", 1, "--perceptual", "none",
                               "--sample-every", 0],
 }

@@ -90,7 +90,7 @@ def main():
             losses.append(F.cross_entropy(logits, y.to(run.device), reduction="sum"))
             preds.append(logits.argmax(1).cpu())
             ys.append(y)
-        pred, y = all_gather_cat(torch.cat(preds), run.info), all_gather_cat(torch.cat(ys), run.info)
+        pred, y = all_gather_cat(preds, run.info), all_gather_cat(ys, run.info)
         loss = all_gather_cat(torch.stack(losses).sum().view(1).cpu(), run.info).sum() / len(y)
         return {"val_loss": float(loss), "val_acc": float((pred == y).float().mean())}
 
