@@ -214,7 +214,14 @@ RUNS = {   # one epoch of 1-3 steps per process
 }
 
 
-@pytest.mark.parametrize("task", list(RUNS))
+# Each run costs about 20 s of CPU (three interpreters importing torch, two of them training). crbl's
+# and battery_ct's runs are in the slow set: what they add under DDP is covered by the default ones
+# (BatchNorm buffers from rank 0 by the two-process test above, frozen layers by colorize, the
+# Trainer's DDP step and end check by all three).
+SLOW_RUNS = ("crbl", "battery_ct")
+
+
+@pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_RUNS else t for t in RUNS])
 def test_train_py_under_torchrun_ends_with_identical_weights_on_both_processes(task, tiny_sets, tmp_path):
     out = tmp_path / "run"
     cmd = [*TORCHRUN, str(REPO / task / "train.py"), *map(str, RUNS[task](tiny_sets)), "--out", str(out),
