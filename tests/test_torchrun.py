@@ -129,12 +129,15 @@ def _replica_worker(rank: int, init: str, change: bool, queue) -> None:
             return
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        grid = (torch.arange(8.0) + rank).view(1, 2, 2, 2).to(memory_format=torch.channels_last)
+        model.register_buffer("grid", grid)   # a channels_last buffer (not contiguous) is broadcast too
         extra = torch.nn.Parameter(torch.zeros(2))   # trained outside the model (phaseformer's loss weights)
         opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
         model(torch.randn(8, 4) + rank)               # each process's own BatchNorm statistics
         before = model[1].running_mean.clone()
         sync_buffers(model, info)
         synced = torch.equal(model[1].running_mean, before) == (rank == 0)
+        synced &= model.grid.flatten().tolist() == list(range(8)) and not model.grid.is_contiguous()
         if change and rank == 1:
             with torch.no_grad():
                 extra[0] += 1e-6
@@ -150,7 +153,7 @@ def _replica_worker(rank: int, init: str, change: bool, queue) -> None:
 @pytest.mark.parametrize("change", [False, True])
 def test_replica_check_across_two_processes(tmp_path, change):
     """Rank 0's BatchNorm statistics go to rank 1; then identical replicas pass (the model's
-    tensors and the optimizer's parameter outside it: 7 + 1), and one changed value in rank 1's
+    tensors and the optimizer's parameter outside it: 8 + 1), and one changed value in rank 1's
     optimizer-only parameter is found on both ranks, by name."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)   # the first optimizer imports a lot: once, here
     ctx = multiprocessing.get_context("fork")
@@ -165,10 +168,10 @@ def test_replica_check_across_two_processes(tmp_path, change):
     assert results[0][0] and results[1][0]   # rank 1's buffers replaced by rank 0's, rank 0's kept
     for _, msg in results.values():
         if change:
-            assert msg.startswith("the 2 processes ended training with different values in 1 of 8 tensors "
+            assert msg.startswith("the 2 processes ended training with different values in 1 of 9 tensors "
                                   "(optimizer.param_groups.0.params.4)"), msg
         else:
-            assert msg == "ok 8"
+            assert msg == "ok 9"
 
 
 # ---------------------------------------------------------------- each task's train.py under torchrun
