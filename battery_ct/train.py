@@ -377,7 +377,7 @@ def main(argv=None):
                 mse, s = ae_terms(x, m(x)[0])
                 mses.append(mse.cpu())
                 ssims.append(s.float().cpu())
-            mse, s = all_gather_cat(torch.cat(mses), run.info), all_gather_cat(torch.cat(ssims), run.info)
+            mse, s = all_gather_cat(mses, run.info), all_gather_cat(ssims, run.info)
             loss = AE_MSE_WEIGHT * mse.mean() + AE_SSIM_WEIGHT * (1.0 - s.mean())
             return {"val_loss": float(loss), "val_mse": float(mse.mean()), "val_ssim": float(s.mean())}
         probs, preds, ys = [], [], []
@@ -386,9 +386,9 @@ def main(argv=None):
             probs.append(p.cpu())
             preds.append(pred.cpu())
             ys.append(y)
-        probs = all_gather_cat(torch.cat(probs), run.info)
-        pred = all_gather_cat(torch.cat(preds), run.info)
-        y = all_gather_cat(torch.cat(ys), run.info)
+        probs = all_gather_cat(probs, run.info)
+        pred = all_gather_cat(preds, run.info)
+        y = all_gather_cat(ys, run.info)
         r = classification_report(y, pred, len(CLASS_NAMES))
         return {"val_loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), y)), "val_acc": r["accuracy"],
                 "val_f1_macro": r["f1_macro"], "val_f1_weighted": r["f1_weighted"],
@@ -402,7 +402,7 @@ def main(argv=None):
     def run_stage(stage: int, model: nn.Module, out_dir: Path, epochs: int, lr: float, resume: Path | None):
         model = model.to(run.device)
         opt = make_optimizer(model, args, lr)  # on the plain model: param groups use its BACKBONE names
-        model = wrap_model(model, run.device, run.info)
+        model = wrap_model(model, run.device, run.info, channels_last=args.channels_last)
         sched, interval = make_scheduler(opt, args, epochs, steps_per_epoch)
         # the stage's own values under their own names: the argument keys stay what the user gave,
         # which is what a --resume compares against and takes over

@@ -98,6 +98,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        return []   # every parameter takes part in the forward
+
 
 # ---------------------------------------------------------------- ImprovedUNet
 def _instance_norm_(x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +281,24 @@ class ImprovedUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the forward never uses (kept for the original's checkpoints): the bias of every
+        convolution in front of an InstanceNorm, and the residual blocks' SE. train.py freezes them, so
+        DistributedDataParallel need not look for gradients that never come."""
+        unused = []
+        for m in self.modules():
+            if isinstance(m, DoubleConv):
+                convs = [m.double_conv[0], m.double_conv[3]]
+            elif isinstance(m, ResidualBlock):
+                convs = [m.block[0], m.block[3]]
+                unused += list(m.se.parameters())
+            elif isinstance(m, AttentionGate):
+                convs = [m.W_g[0], m.W_x[0], m.psi[0]]
+            else:
+                continue
+            unused += [c.bias for c in convs if c.bias is not None]
+        return unused
 
 
 def build_model(name: str, width: int = ORIGINAL_WIDTH, in_channels: int = 3, out_channels: int = 3) -> nn.Module:

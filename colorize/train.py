@@ -217,8 +217,10 @@ def main(argv=None):
         raise UserError(f"--model {args.model} --width {width}: {e}") from None
     if args.init is not None and args.resume is None:
         load_init(model, args.init, args.model, width)
+    for p in model.unused_parameters():   # InstanceNorm-cancelled biases, residual SE: never in the forward
+        p.requires_grad_(False)
     criterion = build_loss(args, builtin, main_rank).to(run.device)
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loader = train_loader(train_set, batch_size, seed=args.seed, workers=workers, info=run.info)
     val_loader = eval_loader(val_set, batch_size, workers=workers, info=run.info)   # every image, no drop_last

@@ -1,6 +1,7 @@
 """Built-in demo data location, CSV reading with clear errors, and deterministic data loaders."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -32,30 +33,75 @@ def ensure_builtin(task: str, version: str, generate: Callable[[Path], None]) ->
     """Return the built-in dataset for `task`, generating it on first use.
 
     `generate(dir)` writes the dataset in the task's real on-disk format. It runs in a temporary
-    directory that is renamed into place, so an interrupted generation is never picked up. A
-    dataset made by another `version` of the generator is replaced.
+    directory that gets the version marker last and is then renamed into place, so an interrupted
+    generation is never picked up. A dataset made by another `version` of the generator is replaced.
+    The check and the generation hold an exclusive lock on `.<task>.lock` beside the dataset, so
+    processes starting at once (torchrun's ranks, two users' runs) generate it once: the first
+    builds, the others wait and then use it.
     """
     root = builtin_dir(task)
-    stamp = root / ".builtin-version"
-    if stamp.is_file() and stamp.read_text().strip() == version:
-        print(f"using built-in demo data ({task}) at {root} -- no --data given")
+    quiet = os.environ.get("RANK", "0") != "0"   # under torchrun (before or after joining the group) rank 0 reports
+    if _builtin_version(root) == version:  # the usual case: no lock needed to read a finished dataset
+        if not quiet:
+            print(f"using built-in demo data ({task}) at {root} -- no --data given")
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root.parent))
-    try:
-        print(f"no --data given: generating the built-in demo dataset for {task} in {root}")
-        generate(tmp)
-        (tmp / ".builtin-version").write_text(version)
-        if root.exists():
-            shutil.rmtree(root)
+    with _exclusive_lock(root.parent / f".{task}.lock", None if quiet else
+                         f"waiting for another process that is generating the built-in data in {root}"):
+        if _builtin_version(root) == version:   # another process made it while this one waited
+            if not quiet:
+                print(f"using built-in demo data ({task}) at {root} -- no --data given")
+            return root
+        for stale in root.parent.glob(f".{task}-*"):   # left by a killed generation (the lock says none runs)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root.parent))
         try:
+            if not quiet:
+                print(f"no --data given: generating the built-in demo dataset for {task} in {root}")
+            generate(tmp)
+            (tmp / BUILTIN_STAMP).write_text(version)
+            if root.exists():   # another version's dataset: moved aside first, so root is never half-deleted
+                old = Path(tempfile.mkdtemp(prefix=f".{task}-old-", dir=root.parent))
+                root.rename(old / task)
             tmp.rename(root)
-        except OSError:  # another process finished first; theirs is as good as ours
-            if not stamp.is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            for leftover in root.parent.glob(f".{task}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
     return root
+
+
+BUILTIN_STAMP = ".builtin-version"
+
+
+def _builtin_version(root: Path) -> str | None:
+    try:
+        return (root / BUILTIN_STAMP).read_text().strip()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path, waiting: str | None = None):
+    """flock on `path`, printing `waiting` if another process holds it. The file is created if
+    missing and never removed (removing a lock file races with a process that has just opened it).
+    Without fcntl (Windows) there is no lock; the rename into place still keeps a half-made
+    dataset from being used."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_csv(path: str | os.PathLike, required: tuple[str, ...]) -> list[tuple[int, dict]]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from common.data import set_epoch
 from common.device import autocast
-from common.distributed import DistInfo, all_reduce_mean, any_rank, barrier
+from common.distributed import DistInfo, all_reduce_mean, any_rank, barrier, check_replicas, sync_buffers
 from common.io import UserError
 from common.repro import set_rng_state
 from common.runlog import RunLog
@@ -213,6 +213,7 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.log is not None:
                 self.log.close()
+        check_replicas(self.model, self.info, self.optimizer)   # under torchrun: every process ends as rank 0
         if self.info.is_main:
             print(f"best {self.monitor}={self.best:.6g} at epoch {self.best_epoch}; "
                   f"checkpoints in {self.out_dir} (best.pt, last.pt), log in {self.out_dir / 'log.csv'}")
@@ -331,6 +332,7 @@ class Trainer:
                     self._interrupted(f"in epoch {epoch + 1} after batch {i + 1}/{n_micro}")
         bar.close()
         elapsed = time.perf_counter() - t0
+        sync_buffers(self.model, self.info)   # evaluate and save the same model on every process
         row = {"epoch": epoch + 1, "train_loss": all_reduce_mean(loss_sum / max(1, n_batches), self.info)}
         row.update({f"train_{k}": all_reduce_mean(v / max(1, n_batches), self.info) for k, v in extra_sums.items()})
         if self.nonfinite == "skip":

@@ -136,7 +136,7 @@ def main(argv=None):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if run.info.is_main:
         print(f"model: CRBL {args.model_type}, {n_train:,} trainable parameters")
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=args.plateau_patience)
@@ -154,8 +154,8 @@ def main(argv=None):
         for x, y in val_loader:
             logits.append(m(x.to(run.device, non_blocking=True)).squeeze(1).float().cpu())
             labels.append(y)
-        logits = all_gather_cat(torch.cat(logits), run.info)
-        y = all_gather_cat(torch.cat(labels), run.info)
+        logits = all_gather_cat(logits, run.info)
+        y = all_gather_cat(labels, run.info)
         prob = torch.sigmoid(logits)
         report = classification_report(y.long(), (prob > threshold).long(), 2)
         return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)),

@@ -169,7 +169,7 @@ def main(argv=None):
         if main_rank:
             print(f"initialised from {args.init} ({info['kind']})")
     criterion = make_criterion(args, plan, run.info, run.device)
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trainable}] + ([{"params": list(criterion.parameters())}] if
                                         list(criterion.parameters()) else [])
@@ -215,11 +215,11 @@ def main(argv=None):
             if not baseline:
                 inputs.append(torch.stack(metrics(x, target_1x), 1).cpu())
         if not baseline:  # the "return the input" restoration, once
-            both = all_gather_cat(torch.cat(inputs), run.info)
+            both = all_gather_cat(inputs, run.info)
             baseline.update(val_psnr_input=float(both[:, 0].mean()), val_ssim_input=float(both[:, 1].mean()))
-        return {"val_psnr": float(all_gather_cat(torch.cat(psnrs), run.info).mean()),
-                "val_ssim": float(all_gather_cat(torch.cat(ssims), run.info).mean()),
-                "val_psnr_2x": float(all_gather_cat(torch.cat(psnrs_2x), run.info).mean()), **baseline}
+        return {"val_psnr": float(all_gather_cat(psnrs, run.info).mean()),
+                "val_ssim": float(all_gather_cat(ssims, run.info).mean()),
+                "val_psnr_2x": float(all_gather_cat(psnrs_2x, run.info).mean()), **baseline}
 
     samples = next(iter(eval_loader(val_set, 4, workers=0, info=DistInfo()))) if main_rank else None
 

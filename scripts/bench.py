@@ -8,6 +8,7 @@
   python scripts/bench.py spectral     # cnn_xattn train step and inference vs CR_recon; loader memory on 2 x 100,000 rows
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
+  python scripts/bench.py ddp          # colorize under torchrun (2 CPU processes): frozen unused params vs find_unused_parameters
   python scripts/bench.py all          # the CPU sections
 
 Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
@@ -1200,8 +1201,71 @@ def bench_spectral(args) -> list[dict]:
     return rows
 
 
+def ddp_step_worker(argv) -> None:
+    """One side of `bench.py ddp`, run by torchrun: an improved_unet training step under DDP (gloo),
+    its never-used parameters frozen (as colorize/train.py does) or left trainable with DDP's
+    find_unused_parameters=True (the alternative); rank 0 prints one JSON line."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from colorize.model import build_model
+    p = argparse.ArgumentParser()
+    p.add_argument("side", choices=("frozen", "find_unused"))
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = build_model("improved_unet", a.width)
+    if a.side == "frozen":
+        for q in model.unused_parameters():
+            q.requires_grad_(False)
+    ddp = DDP(model, find_unused_parameters=a.side == "find_unused")
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x = torch.rand(a.batch_size, 3, a.size, a.size, generator=g)
+    y = torch.rand(a.batch_size, 3, a.size, a.size, generator=g)
+
+    def step():
+        F.l1_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = timed(step, a.repeats, warmup=2)
+    if dist.get_rank() == 0:
+        print(json.dumps({"step_s": t}))
+    dist.destroy_process_group()
+
+
+def bench_ddp(args) -> list[dict]:
+    """colorize's improved_unet under torchrun, 2 CPU processes (gloo, 1 thread each): a training step
+    with the never-used parameters frozen (what colorize/train.py does) against DDP's
+    find_unused_parameters=True, each side in its own torchrun, alternating, median of --rounds."""
+    sizes = [(16, 32, 4)] if args.quick else [(16, 64, 4), (32, 128, 4)]
+    rows = []
+    for width, size, batch in sizes:
+        times: dict[str, list[float]] = {"frozen": [], "find_unused": []}
+        for _ in range(max(3, args.rounds)):
+            for side in times:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       str(Path(__file__).resolve()), "_ddp_step_worker", side, "--width", str(width),
+                       "--size", str(size), "--batch-size", str(batch), "--repeats", str(args.repeats)]
+                times[side].append(_run_json(cmd, env={"OMP_NUM_THREADS": "1"})["step_s"])
+        frozen, found = statistics.median(times["frozen"]), statistics.median(times["find_unused"])
+        rows.append({"what": f"improved_unet width {width}, {size}x{size}, batch {batch} per process",
+                     "frozen_step_s": frozen, "find_unused_step_s": found, "find_unused_over_frozen": found / frozen,
+                     "rounds_frozen": [round(v, 4) for v in times["frozen"]],
+                     "rounds_find_unused": [round(v, 4) for v in times["find_unused"]]})
+    report(rows, "DDP step, 2 processes x 1 thread (gloo): unused parameters frozen vs find_unused_parameters")
+    return rows
+
+
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
-            "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu}
+            "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu,
+            "ddp": bench_ddp}
 CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx"]
 
 
@@ -1210,11 +1274,13 @@ def main():
         return crbl_worker(sys.argv[2:])
     if sys.argv[1:2] == ["_spectral_step_worker"]:
         return spectral_step_worker(sys.argv[2:])
+    if sys.argv[1:2] == ["_ddp_step_worker"]:
+        return ddp_step_worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="crbl, spectral: alternating rounds of the processes of each side (>= 3)")
+    p.add_argument("--rounds", type=int, default=3, help="crbl, spectral, ddp: alternating rounds of the processes of each side (>= 3)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu and onnx sections: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
     p.add_argument("--weights", type=Path, default=None,

@@ -283,7 +283,7 @@ def main(argv=None):
         start_at_the_mean(model, train_mean)
     model = model.to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, run.device, run.info)
+    model = wrap_model(model, run.device, run.info, channels_last=channels_last)
     tr = cfg["training"]
     opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"], betas=(0.9, 0.95),
                             eps=1e-8, fused=run.device.type in ("cuda", "cpu"))
@@ -309,7 +309,7 @@ def main(argv=None):
                 x = x.contiguous(memory_format=torch.channels_last)
             preds.append(m(x).float().cpu())
             targets.append(y)
-        pred, tgt = all_gather_cat(torch.cat(preds), run.info), all_gather_cat(torch.cat(targets), run.info)
+        pred, tgt = all_gather_cat(preds, run.info), all_gather_cat(targets, run.info)
         out = {"val_loss": float(criterion.cpu()(pred, tgt)), **finish_metrics(spectral_metrics(pred, tgt))}
         criterion.to(run.device)
         if main_rank:

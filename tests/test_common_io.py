@@ -162,7 +162,7 @@ def test_builtin_data_is_generated_atomically_and_versioned(tmp_path, monkeypatc
 
     with pytest.raises(RuntimeError):
         D.ensure_builtin("demo", "v1", broken)
-    assert list(tmp_path.iterdir()) == []  # nothing half-made left to be picked up
+    assert [p.name for p in tmp_path.iterdir()] == [".demo.lock"]  # nothing half-made left to be picked up
 
     def good(d):
         calls.append(d)

@@ -41,11 +41,23 @@ def csv_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished FAST run with 0 workers, read (never changed) by the tests that need one."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    tiny(*FAST, "--workers", 0, "--out", out)
+    return out
+
+
 # workers=2: slow (18 s); test_hardening resumes a mid-epoch checkpoint with 2 workers bit-identically
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path, workers):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    tiny(*FAST, "--workers", workers, "--out", ref)
+def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path, workers, request):
+    cut = tmp_path / "cut"
+    if workers == 0:
+        ref = request.getfixturevalue("finished_run")
+    else:
+        ref = tmp_path / "ref"
+        tiny(*FAST, "--workers", workers, "--out", ref)
 
     kill_step = random.Random().randint(9, 31)  # after the first checkpoint, before the end
     proc = subprocess.Popen([sys.executable, str(TINY), *FAST, "--workers", str(workers), "--out", str(cut)],
@@ -72,9 +84,8 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path, workers):
     assert [r["train_loss"] for r in rows_cut] == [r["train_loss"] for r in rows_ref]
 
 
-def test_refuses_to_overwrite_an_existing_run(tmp_path):
-    out = tmp_path / "run"
-    tiny(*FAST, "--epochs", 1, "--out", out)
+def test_refuses_to_overwrite_an_existing_run(finished_run):
+    out = finished_run
     before = (out / "last.pt").read_bytes()
     res = tiny(*FAST, "--epochs", 1, "--out", out, check=False)
     assert res.returncode != 0

@@ -5,11 +5,15 @@ dropout, Adam state, a per-step schedule, and DataLoader workers.
 Usage: python tests/tiny_train.py --out DIR [--resume DIR/last.pt] [common flags]
 """
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+# run as a script, sys.path[0] is tests/: import this checkout's packages, not an installed copy's
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, add_common_args, parse_args, setup_run
 from common.data import eval_loader, train_loader
@@ -64,7 +68,7 @@ def main():
     model = make_model(args.norm)
     if args.no_dropout:
         model[-2].p = 0.0
-    model = wrap_model(model.to(run.device), run.device, run.info)
+    model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loader = train_loader(Blobs(args.samples, not args.no_augment), args.batch_size, seed=args.seed,
                           workers=args.workers, info=run.info)
@@ -86,7 +90,7 @@ def main():
             losses.append(F.cross_entropy(logits, y.to(run.device), reduction="sum"))
             preds.append(logits.argmax(1).cpu())
             ys.append(y)
-        pred, y = all_gather_cat(torch.cat(preds), run.info), all_gather_cat(torch.cat(ys), run.info)
+        pred, y = all_gather_cat(preds, run.info), all_gather_cat(ys, run.info)
         loss = all_gather_cat(torch.stack(losses).sum().view(1).cpu(), run.info).sum() / len(y)
         return {"val_loss": float(loss), "val_acc": float((pred == y).float().mean())}
 
