@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=NONNEG_INT, default=0,
                    help="stage 2: continue from stage 1's best with everything unfrozen, in OUT/finetune/")
     p.add_argument("--finetune-lr", type=POSITIVE, default=1e-5)
-    return cli.parse_args(p, argv)
+    return cli.parse_args(p, argv, task=TASK)
 
 
 def parse_class_weights(spec: str) -> list[float] | None:
@@ -303,7 +303,7 @@ def main(argv=None):
     # --resume: which stage, and is it this model?
     resume_stage, resume_ckpt = None, None
     if args.resume is not None:
-        resume_ckpt = load_checkpoint(args.resume)
+        resume_ckpt = load_checkpoint(args.resume, TASK)
         cfg = resume_ckpt.get("config", {})
         if cfg.get("task") != TASK or cfg.get("model") != args.model:
             held = f"a {cfg['model']} model" if cfg.get("task") == TASK else "no battery_ct model"

@@ -83,7 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", type=Path,
                    help="initial weights: the original's best_model.pth (with or without _orig_mod.) or a "
                         "checkpoint of this script")
-    return cli.parse_args(p, argv, resume_free=("sample_every",))
+    return cli.parse_args(p, argv, resume_free=("sample_every",), task=TASK, used=settings_used)
+
+
+# flag -> the config key holding the value a run used where the flag was left to its default
+SETTING_OF = {"width": "net_width", "img_size": "net_img_size", "batch_size": "run_batch_size",
+              "epochs": "run_epochs", "workers": "run_workers"}
+
+
+def settings_used(ckpt: dict) -> dict:
+    return {flag: ckpt["config"][key] for flag, key in SETTING_OF.items() if key in ckpt["config"]}
 
 
 def resolve_settings(args, builtin: bool) -> dict:

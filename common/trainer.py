@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -42,6 +45,19 @@ def run_finished(ckpt: dict, epochs: int, patience: int | None) -> bool:
     """Whether a checkpoint's run already did all `epochs` or stopped early."""
     bad = ckpt.get("extra", {}).get("trainer", {}).get("bad_epochs", 0)
     return ckpt["epoch"] >= epochs or (patience is not None and bad >= patience)
+
+
+def resume_command(last: Path) -> str:
+    """The command that continues a run: the script as it was started, and --resume alone (every
+    other flag is taken from the checkpoint)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
+    if script is None:
+        return f"--resume {shlex.quote(str(last))}"
+    python = "python"   # the short name where it is this interpreter, else the full path
+    found = shutil.which("python")
+    if sys.executable and (found is None or os.path.abspath(found) != os.path.abspath(sys.executable)):
+        python = sys.executable
+    return " ".join(shlex.quote(part) for part in (python, script, "--resume", str(last)))
 
 
 class TrainingDiverged(UserError):
@@ -246,8 +262,8 @@ class Trainer:
 
     def _interrupted(self, where: str):
         if self.info.is_main:
-            print(f"interrupted {where}: resumable checkpoint {self.last_path}; continue with "
-                  f"--resume {self.last_path}", file=sys.stderr, flush=True)
+            print(f"interrupted {where}: resumable checkpoint {self.last_path}; continue with: "
+                  f"{resume_command(self.last_path)}", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     def _run_epoch(self) -> dict:

@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    help="decision threshold for the metrics (default 0.01 crop / 0.5 full)")
     p.add_argument("--patience", type=POSITIVE_INT, default=10, help="early stopping on val_loss")
     p.add_argument("--plateau-patience", type=int_range(0), default=2, help="ReduceLROnPlateau(0.5) patience")
-    return cli.parse_args(p, argv)
+    return cli.parse_args(p, argv, task="crbl",
+                          used=lambda ckpt: {"threshold": ckpt["config"].get("decision_threshold")})
 
 
 def class_weights(spec: str, labels: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--init", type=Path, default=None,
                    help="initial weights: an official release file, a converted file or a checkpoint "
                         "(the release weights expect [-1, 1] inputs; training here uses [0, 1])")
-    return cli.parse_args(p, argv, resume_free=("sample_every",))
+    return cli.parse_args(p, argv, resume_free=("sample_every",), task=TASK,
+                          used=lambda ckpt: {k[4:]: v for k, v in ckpt["config"].items() if k.startswith("run_")})
 
 
 def plan_run(args, stored: dict | None) -> dict:
@@ -138,7 +139,7 @@ def make_criterion(args, plan, info, device) -> PhaseformerLoss:
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    resumed = load_checkpoint(args.resume) if args.resume is not None else None
+    resumed = load_checkpoint(args.resume, TASK) if args.resume is not None else None
     stored = resumed["config"] if resumed is not None else None
     if stored is not None and stored.get("task") != TASK:
         raise UserError(f"{args.resume}: not a phaseformer training checkpoint "
