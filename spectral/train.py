@@ -241,6 +241,8 @@ def main(argv=None):
     if args.resume is None and args.out is None:
         resolved.out = Path(cfg["output"]["dir"]) / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    if args.no_dashboard and args.dashboard is not None:
+        raise UserError("--no-dashboard and --dashboard contradict each other; give one")
     port = args.dashboard if args.dashboard not in (None, -1) else cfg["dashboard"]["port"]
     want_dashboard = not args.no_dashboard and (args.dashboard is not None or cfg["dashboard"]["enabled"])
     if want_dashboard:
