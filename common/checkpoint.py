@@ -98,7 +98,7 @@ def checkpoint_task(obj) -> str | None:
     return None
 
 
-def check_task(obj, path, task: str, needs: str) -> None:
+def require_task(obj, path, task: str, needs: str) -> None:
     """Refuse a checkpoint another task wrote, first, before anything else is compared:
     "PATH is a colorize checkpoint; spectral needs NEEDS". Untagged files pass."""
     found = checkpoint_task(obj)
@@ -110,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike, task: str | None = None) -> dict:
     """A training checkpoint of this project; with `task`, one that this task wrote."""
     obj = load_untrusted(path)
     if task is not None:
-        check_task(obj, path, task, f"its own {task}/train.py last.pt to resume from")
+        require_task(obj, path, task, f"its own {task}/train.py last.pt to resume from")
     return check_checkpoint(obj, path)
 
 

@@ -292,10 +292,10 @@ def resume_checkpoint(path: Path, task: str | None = None) -> dict:
         raise UserError(f"{path}: is a folder; --resume takes the run's last.pt")
     if not Path(path).is_file():
         raise UserError(f"{path}: checkpoint to resume from not found")
-    from common.checkpoint import check_checkpoint, check_task  # here, to keep the import graph acyclic
+    from common.checkpoint import check_checkpoint, require_task  # here, to keep the import graph acyclic
     obj = load_untrusted(path, mmap=True)
     if task is not None:
-        check_task(obj, path, task, f"a {task}/train.py last.pt to resume from")
+        require_task(obj, path, task, f"a {task}/train.py last.pt to resume from")
     return check_checkpoint(obj, path)
 
 
