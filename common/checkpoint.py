@@ -15,6 +15,8 @@ from common.io import UserError, atomic_torch_save, load_untrusted
 from common.repro import get_rng_state
 
 FORMAT_VERSION = 1
+# a fresh run's folder holds this until its first checkpoint: a rerun may replace such an unfinished start
+UNFINISHED_MARKER = ".unfinished"
 # the tasks of this project; a checkpoint's config names the one that wrote it (config["task"])
 TASKS = ("crbl", "battery_ct", "spectral", "colorize", "phaseformer")
 

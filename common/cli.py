@@ -12,6 +12,7 @@ The rules, in one place for every task:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import os
 import shutil
@@ -83,12 +84,14 @@ def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bo
 
 
 def _describe(lo, hi, lo_open, hi_open) -> str:
+    def n(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{n(lo)}, {n(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {n(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
+        return f"{'<' if hi_open else '<='} {n(hi)}"
     return "a finite number"
 
 
@@ -120,8 +123,8 @@ SEED = int_range(0, MAX_SEED, "what numpy accepts as a seed")
 EPOCHS = int_range(1, MAX_EPOCHS)
 NONNEG_EPOCHS = int_range(0, MAX_EPOCHS)
 BATCH_SIZE = int_range(1, MAX_BATCH)
-WORKERS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES}, at least 8")
-THREADS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES}, at least 8")
+WORKERS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES} cores, at least 8")
+THREADS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES} cores, at least 8")
 LR = float_range(0, 10, lo_open=True)
 WEIGHT_DECAY = float_range(0, 10)
 LOSS_WEIGHT = float_range(0, 1e6)
@@ -262,14 +265,14 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=(), ta
     given = explicit_dests(parser, argv)
     free = set(RESUME_FREE) | set(resume_free)
     actions = {a.dest: a for a in parser._actions}
-    changed = []
+    changed, notes = [], []
     for dest, value in vars(args).items():
         if dest in RESUME_KEEP and dest in stored and dest not in given:
             setattr(args, dest, _from_stored(actions[dest], stored[dest]))
-        if dest == "threads" and dest in given and dest in stored and stored[dest] and value != stored[dest] \
-                and os.environ.get("RANK", "0") == "0":
-            print(f"note: --threads {value} differs from the {stored[dest]} thread(s) the run used: it continues "
-                  f"validly, but not bit-identically (the thread count changes the order of the sums)")
+        if dest == "threads" and dest in given and dest in stored and stored[dest] and value != stored[dest]:
+            notes.append(f"note: --threads {value}{' (one per idle core)' if value == 0 else ''} differs from the "
+                         f"{stored[dest]} thread(s) the run used: it continues validly, but not bit-identically (the "
+                         f"thread count changes the order of the sums); leave --threads out to keep the run's count")
         if dest in free or dest not in stored:
             continue
         if dest in given:
@@ -283,6 +286,9 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=(), ta
     if changed:
         raise UserError(f"{args.resume}: a resume continues the run exactly, but "
                         f"{'; '.join(changed)}; drop the flag(s), or start a new run (--init where the task has it)")
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(note)
     return args
 
 
@@ -336,12 +342,29 @@ def _run_files(folder: Path, extra=()) -> list[Path]:
     return sorted({p for pattern in (*RUN_OUTPUTS, *extra) for p in folder.glob(pattern)})
 
 
+def _unfinished_start(out: Path, held: list[str], outputs) -> bool:
+    """Whether `out` holds only what a run wrote before it failed, ahead of its first checkpoint: the
+    marker a run leaves in its new or empty folder until then, no checkpoint, only run outputs."""
+    from common.checkpoint import UNFINISHED_MARKER
+    patterns = (*RUN_OUTPUTS, *outputs)
+    return ((out / UNFINISHED_MARKER).is_file() and not any(out.glob("*.pt"))
+            and all(any(fnmatch.fnmatch(name, p) for p in patterns) for name in held))
+
+
 def prepare_run_dir(out: Path, *, resume: Path | None, overwrite: bool, outputs=()) -> None:
     """The folder rules (rank 0 only): a fresh run needs a new or empty folder, or --overwrite; a
-    resume may write only into its own folder or into a new or empty one."""
+    resume may write only into its own folder or into a new or empty one. A folder that holds only
+    the unfinished start of a run that failed before its first checkpoint counts as empty."""
+    from common.checkpoint import UNFINISHED_MARKER
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if held and _unfinished_start(out, held, outputs):
+        for p in _run_files(out, outputs):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--out {out}: removed the unfinished start of an earlier run there ({', '.join(held[:4])}; it "
+              f"stopped before its first checkpoint)")
+        held = []
     # a resume writes into its checkpoint's own folder, or into the run whose later stage it is
     # (battery_ct: RUN/last.pt for stage 1, RUN/finetune/last.pt for stage 2)
     rp = Path(resume).resolve() if resume is not None else None
@@ -364,6 +387,8 @@ def prepare_run_dir(out: Path, *, resume: Path | None, overwrite: bool, outputs=
     make_output_dir(out)
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot be written: no write permission")
+    if not any(out.glob("*.pt")):
+        (out / UNFINISHED_MARKER).touch()
     stale = remove_stale_temp_files(out)
     if stale:
         print(f"removed {stale} temporary file(s) left by an interrupted write in {out}")
