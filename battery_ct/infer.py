@@ -46,7 +46,8 @@ from battery_ct.deploy import BatteryGraph
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, build_model,
                               fuse_for_inference)
 from battery_ct.train import TASK, normalization
-from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
+from common.checkpoint import require_task
+from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, float_range, int_range)
 from common.data import ensure_builtin, list_images
 from common.device import select_device
@@ -70,16 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=MODEL_NAMES, help="needed for a plain state_dict; checked against a checkpoint")
     p.add_argument("--image-size", type=int_range(32, 8192), default=None,
                    help="input size for a plain state_dict (default 512); overrides a checkpoint's size")
-    p.add_argument("--threshold", type=float_range(0), default=None, help="ae: override the stored anomaly threshold")
+    p.add_argument("--threshold", type=float_range(0, 1e6), default=None, help="ae: override the stored anomaly threshold")
     p.add_argument("--task", choices=("classify", "segment"), default=None,
                    help="default: segment for deeplab_seg weights, else classify")
     p.add_argument("--crop", choices=("slide", "whole"), default="slide", help="segmentation: windows or whole image")
     p.add_argument("--window", type=int_range(16, 8192), default=640, help="segmentation window size (px)")
-    p.add_argument("--stride", type=POSITIVE_INT, default=480, help="segmentation window stride (px, <= --window)")
+    p.add_argument("--stride", type=int_range(1, 8192), default=480, help="segmentation window stride (px, <= --window)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/battery_ct/infer-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
-    p.add_argument("--workers", type=NONNEG_INT, default=2)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32)
+    p.add_argument("--workers", type=WORKERS, default=2)
     p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)
@@ -97,6 +98,7 @@ def load_model(args, fuse: bool = True) -> tuple[torch.nn.Module, dict, dict]:
     `fuse`: the DRN-D-54 models with BN folded into the convolutions (fuse_for_inference)."""
     path = args.weights
     obj = load_untrusted(path)
+    require_task(obj, path, TASK, "a battery_ct/train.py checkpoint or a converted state_dict")
     if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
         cfg, extra = obj.get("config") or {}, obj.get("extra") or {}
         name = cfg.get("model")

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from battery_ct.data import (CLASS_NAMES, class_counts, parse_name, read_split, split_by_battery,
                              write_split)
 from common.data import IMAGE_SUFFIXES
-from common.cli import NONNEG_INT, ArgumentParser
+from common.cli import SEED, ArgumentParser
 from common.io import UserError, check_output_dir, make_output_dir, run_cli
 
 
@@ -43,7 +43,7 @@ def main(argv=None):
     src.add_argument("--images", type=Path, help="folder with one sub-folder per class")
     p.add_argument("--root", type=Path, help="base for relative paths in --labels")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=NONNEG_INT, default=42)
+    p.add_argument("--seed", type=SEED, default=42)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 

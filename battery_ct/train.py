@@ -39,12 +39,12 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from battery_ct.data import BUILTIN_VERSION, SplitDataset, class_counts, make_builtin_dataset, read_split
 from battery_ct.model import (CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, NORMAL_CLASSES, FocalLoss,
                               HDCNNLoss, anomaly_score, build_model, hdcnn_decision, load_converted)
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, require_task
 from common import cli
-from common.cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
+from common.cli import add_common_args, float_range, int_range, setup_run
 from common.data import BalancedSampler, ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
-from common.io import UserError, atomic_torch_save, atomic_write_text, load_weights_into, run_cli
+from common.io import UserError, atomic_torch_save, atomic_write_text, load_untrusted, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, ssim, youden_threshold
 from common.repro import seed_everything
 from common.schedulers import poly
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, help="base folder for relative paths in the split files")
     p.add_argument("--image-size", type=int_range(32, 8192), default=None, help="square input size (default 512; demo 128)")
     p.add_argument("--loss", choices=("focal", "ce"), default=None, help="classifier loss (default focal)")
-    p.add_argument("--gamma", type=NONNEG, default=2.0, help="focal loss gamma")
+    p.add_argument("--gamma", type=float_range(0, 100), default=2.0, help="focal loss gamma")
     p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), default=0.1)
     p.add_argument("--class-weights", default=",".join(map(str, DEFAULT_CLASS_WEIGHTS)),
                    help="5 comma-separated weights (focal alpha / CE weight / HD-CNN fine CE), or 'none'")
@@ -83,10 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", choices=("adamw", "deeplab"), default=None,
                    help="adamw: AdamW + CosineAnnealingWarmRestarts(T_0=10, T_mult=2) per epoch (default); "
                         "deeplab: SGD(0.9) + poly per step, 10x lr on head/ASPP/decoder")
-    p.add_argument("--weight-decay", type=NONNEG, default=None,
+    p.add_argument("--weight-decay", type=cli.WEIGHT_DECAY, default=None,
                    help="default 0.03 (adamw), 5e-4 (deeplab), 1e-4 (ae)")
-    p.add_argument("--patience", type=POSITIVE_INT, default=None, help="early stopping (default 7; ae 15)")
-    p.add_argument("--min-delta", type=NONNEG, default=None, help="default 0.001 (val_f1_macro); ae 1e-4 (val_loss)")
+    p.add_argument("--patience", type=cli.EPOCHS, default=None, help="early stopping (default 7; ae 15)")
+    p.add_argument("--min-delta", type=float_range(0, 1e6), default=None, help="default 0.001 (val_f1_macro); ae 1e-4 (val_loss)")
     p.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=None,
                    help="head dropout (default: the model's)")
     p.add_argument("--rotation", type=float_range(0, 180), default=None,
@@ -97,10 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                              "DeepLab models, else a checkpoint or state_dict of this model")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="stage 1: train only the head (DeepLab: backbone + ASPP frozen; hdcnn: shared trunk)")
-    p.add_argument("--finetune-epochs", type=NONNEG_INT, default=0,
+    p.add_argument("--finetune-epochs", type=cli.NONNEG_EPOCHS, default=0,
                    help="stage 2: continue from stage 1's best with everything unfrozen, in OUT/finetune/")
-    p.add_argument("--finetune-lr", type=POSITIVE, default=1e-5)
-    return cli.parse_args(p, argv)
+    p.add_argument("--finetune-lr", type=cli.LR, default=1e-5)
+    return cli.parse_args(p, argv, task=TASK)
 
 
 def parse_class_weights(spec: str) -> list[float] | None:
@@ -181,6 +181,9 @@ def validate(args) -> None:
         raise UserError("--loss does not apply to --model hdcnn (it trains with HDCNNLoss)")
     if args.init is not None and not args.init.is_file():
         raise UserError(f"--init {args.init}: file not found")
+    if args.init is not None:   # another task's checkpoint is refused before the run folder is made
+        require_task(load_untrusted(args.init, mmap=True), args.init, TASK,
+                     "a battery_ct/train.py checkpoint or weights converted by scripts/convert_deeplab.py")
 
 
 # ---------------------------------------------------------------- shared with infer.py
@@ -303,7 +306,7 @@ def main(argv=None):
     # --resume: which stage, and is it this model?
     resume_stage, resume_ckpt = None, None
     if args.resume is not None:
-        resume_ckpt = load_checkpoint(args.resume)
+        resume_ckpt = load_checkpoint(args.resume, TASK)
         cfg = resume_ckpt.get("config", {})
         if cfg.get("task") != TASK or cfg.get("model") != args.model:
             held = f"a {cfg['model']} model" if cfg.get("task") == TASK else "no battery_ct model"

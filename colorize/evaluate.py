@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: 
 
 from colorize.data import MASK_TOLERANCE, damage_mask, load_rgb
 from colorize.metrics import competition_score, mean_scores
-from common.cli import NONNEG_INT, ArgumentParser, add_max_pixels_arg, apply_runtime_args, int_range
+from common.cli import WORKERS, ArgumentParser, add_max_pixels_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES
 from common.io import UserError, atomic_write_text, check_output_dir, load_image, make_output_dir, run_cli
 
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for scores.csv / scores.json "
                                                            "(default runs/colorize/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace scores.csv / scores.json in --out")
-    p.add_argument("--workers", type=NONNEG_INT, default=0, help="processes reading and scoring images")
+    p.add_argument("--workers", type=WORKERS, default=0, help="processes reading and scoring images")
     add_max_pixels_arg(p)
     return p.parse_args(argv)
 

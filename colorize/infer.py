@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # `python colorize/<script>.py` from a checkout: 
 from colorize.data import TASK, load_rgb, read_inputs, resize_tensor, resize_u8, to_tensor, to_u8
 from colorize.deploy import ColorizeGraph, check_size
 from colorize.model import MODEL_NAMES, build_model, load_original_state
-from common.cli import (NONNEG_INT, POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg,
+from common.checkpoint import require_task
+from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, int_range)
 from common.data import list_images
 from common.device import select_device
@@ -62,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zip", nargs="?", const="", default=None, metavar="PATH",
                    help="also write a flat zip of the PNGs (default OUT/submission.zip)")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs / a zip already in the way")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
-    p.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader processes reading the images")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=8)
+    p.add_argument("--workers", type=WORKERS, default=0, help="DataLoader processes reading the images")
     p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)
@@ -78,6 +79,7 @@ def load_model(path: Path, model: str | None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, {'model', 'width', 'img_size' or None, 'source'})."""
     # mapped, not read: the original's files carry AdamW state, three times the weights' size
     obj = load_untrusted(path, mmap=True)
+    require_task(obj, path, TASK, "a colorize/train.py checkpoint or the original's weights")
     if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
         cfg = obj.get("config") or {}
         if cfg.get("task") != TASK or cfg.get("model") not in MODEL_NAMES:

@@ -37,8 +37,8 @@ from colorize.losses import ColorizeLoss
 from colorize.metrics import competition_score, mean_scores
 from colorize.model import MODEL_NAMES, ORIGINAL_WIDTH, build_model, load_original_state
 from common import cli
-from common.checkpoint import unwrap
-from common.cli import NONNEG, NONNEG_INT, add_common_args, float_range, int_range, setup_run
+from common.checkpoint import require_task, unwrap
+from common.cli import add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
@@ -66,24 +66,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held out for validation (the original: 0.2)")
     p.add_argument("--no-augment", action="store_true",
                    help="no random flips / 90-degree rotations (applied to input and target alike)")
-    p.add_argument("--weight-decay", type=NONNEG, default=0.01, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=cli.WEIGHT_DECAY, default=0.01, help="AdamW weight decay")
     p.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle",
                    help="onecycle: OneCycle every batch (pct_start 0.3, div 25, final div 1000); cosine: "
                         "CosineAnnealingWarmRestarts(T_0=10, T_mult=2, eta_min=1e-6) every epoch")
-    p.add_argument("--perceptual", type=NONNEG, default=0.2, help="weight of the VGG16 perceptual term (0 = off)")
-    p.add_argument("--style", type=NONNEG, default=0.0, help="weight of the Gram-matrix style term (0 = off)")
-    p.add_argument("--mask-weight", type=NONNEG, default=0.0,
+    p.add_argument("--perceptual", type=cli.LOSS_WEIGHT, default=0.2, help="weight of the VGG16 perceptual term (0 = off)")
+    p.add_argument("--style", type=cli.LOSS_WEIGHT, default=0.0, help="weight of the Gram-matrix style term (0 = off)")
+    p.add_argument("--mask-weight", type=cli.LOSS_WEIGHT, default=0.0,
                    help="extra weight of the L1 over the damaged region (the metric gives it 40%%)")
     p.add_argument("--mask-tolerance", type=int_range(0, 254), default=MASK_TOLERANCE,
                    help="gray levels by which the input may differ from gray(target) and still count as undamaged")
     p.add_argument("--best-by", choices=("score", "loss"), default="score",
                    help="best.pt = the epoch with the highest validation competition score, or the lowest loss")
-    p.add_argument("--sample-every", type=NONNEG_INT, default=5,
+    p.add_argument("--sample-every", type=cli.NONNEG_EPOCHS, default=5,
                    help="write a sample grid every N epochs and after the last (0 = never)")
     p.add_argument("--init", type=Path,
                    help="initial weights: the original's best_model.pth (with or without _orig_mod.) or a "
                         "checkpoint of this script")
-    return cli.parse_args(p, argv, resume_free=("sample_every",))
+    return cli.parse_args(p, argv, resume_free=("sample_every",), task=TASK, used=settings_used)
+
+
+# flag -> the config key holding the value a run used where the flag was left to its default
+SETTING_OF = {"width": "net_width", "img_size": "net_img_size", "batch_size": "run_batch_size",
+              "epochs": "run_epochs", "workers": "run_workers"}
+
+
+def settings_used(ckpt: dict) -> dict:
+    return {flag: ckpt["config"][key] for flag, key in SETTING_OF.items() if key in ckpt["config"]}
 
 
 def resolve_settings(args, builtin: bool) -> dict:
@@ -110,8 +119,10 @@ def find_train_csv(data: Path) -> Path:
     return csv_path
 
 
-def load_init(model: torch.nn.Module, path: Path, name: str, width: int) -> None:
+def read_init(path: Path, name: str, width: int) -> dict:
+    """The --init weights for a `name` model of `width`, checked (read before the run folder is made)."""
     obj = load_untrusted(path)
+    require_task(obj, path, TASK, "a colorize/train.py checkpoint or the original's weights for --init")
     if isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("model"), dict):
         cfg = obj.get("config") or {}
         if cfg.get("task") != TASK:
@@ -124,7 +135,7 @@ def load_init(model: torch.nn.Module, path: Path, name: str, width: int) -> None
         sd, _, found_width = load_original_state(obj, path, model=name)
         if found_width != width:
             raise UserError(f"{path}: weights of width {found_width}, but this run builds width {width} (give --width)")
-    load_state_strict(model, sd, path)
+    return sd
 
 
 def ensure_vgg_weights() -> None:
@@ -198,6 +209,7 @@ def main(argv=None):
         # program keeps a core busy it makes each step about 3x slower (measured on 2 cores).
         args.threads = 1
         print("built-in demo: 1 CPU thread (give --threads to change)")
+    init_sd = read_init(args.init, args.model, width) if args.init is not None and args.resume is None else None
     run = setup_run(args, TASK, args.model, outputs=("samples",))
     main_rank = run.info.is_main
     if csv_path is None:
@@ -215,8 +227,8 @@ def main(argv=None):
         model = build_model(args.model, width)
     except ValueError as e:
         raise UserError(f"--model {args.model} --width {width}: {e}") from None
-    if args.init is not None and args.resume is None:
-        load_init(model, args.init, args.model, width)
+    if init_sd is not None:
+        load_state_strict(model, init_sd, args.init)
     for p in model.unused_parameters():   # InstanceNorm-cancelled biases, residual SE: never in the forward
         p.requires_grad_(False)
     criterion = build_loss(args, builtin, main_rank).to(run.device)

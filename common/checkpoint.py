@@ -15,6 +15,10 @@ from common.io import UserError, atomic_torch_save, load_untrusted
 from common.repro import get_rng_state
 
 FORMAT_VERSION = 1
+# a fresh run's folder holds this until its first checkpoint: a rerun may replace such an unfinished start
+UNFINISHED_MARKER = ".unfinished"
+# the tasks of this project; a checkpoint's config names the one that wrote it (config["task"])
+TASKS = ("crbl", "battery_ct", "spectral", "colorize", "phaseformer")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,8 +82,38 @@ def check_checkpoint(ckpt, path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    return check_checkpoint(load_untrusted(path), path)
+def checkpoint_task(obj) -> str | None:
+    """The task that wrote a checkpoint of this project: its config's "task", else (files written
+    before the tag) what its sections show; None for anything else (a converted or foreign
+    state_dict, whose tensors the model's strict load then checks)."""
+    if not isinstance(obj, dict):
+        return None
+    cfg, extra = obj.get("config"), obj.get("extra")
+    if isinstance(cfg, dict) and cfg.get("task") in TASKS:
+        return cfg["task"]
+    if isinstance(extra, dict):   # spectral and phaseformer keep their own state under their name
+        found = [t for t in TASKS if t in extra]
+        if len(found) == 1:
+            return found[0]
+    if isinstance(cfg, dict) and "model_type" in cfg:
+        return "crbl"
+    return None
+
+
+def require_task(obj, path, task: str, needs: str) -> None:
+    """Refuse a checkpoint another task wrote, first, before anything else is compared:
+    "PATH is a colorize checkpoint; spectral needs NEEDS". Untagged files pass."""
+    found = checkpoint_task(obj)
+    if found is not None and found != task:
+        raise UserError(f"{path} is a {found} checkpoint; {task} needs {needs}")
+
+
+def load_checkpoint(path: str | os.PathLike, task: str | None = None) -> dict:
+    """A training checkpoint of this project; with `task`, one that this task wrote."""
+    obj = load_untrusted(path)
+    if task is not None:
+        require_task(obj, path, task, f"its own {task}/train.py last.pt to resume from")
+    return check_checkpoint(obj, path)
 
 
 def restore_training_state(ckpt: dict, path, *, model, optimizer=None, scheduler=None,

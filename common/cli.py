@@ -4,13 +4,15 @@ The rules, in one place for every task:
   - every numeric flag has a checked range (`int_range` / `float_range` as argparse types);
   - a fresh run never writes into a folder that already holds files, unless --overwrite (which
     first removes the earlier run's checkpoints and logs);
+  - every numeric flag also has an upper bound (what the task can do, what torch and numpy accept);
   - --resume continues exactly: flags not given take the checkpoint's values, and a flag given with
     another value than the checkpoint's is refused (a different --lr, --batch-size, --seed, --data
-    ... would not be a continuation).
+    ... would not be a continuation); a checkpoint of another task is refused first.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import os
 import shutil
@@ -26,8 +28,10 @@ from common.io import UserError, load_untrusted, make_output_dir, remove_stale_t
 from common.repro import seed_everything
 
 # Flags that do not change what a run computes: they may differ on --resume. Those of them in
-# RESUME_KEEP still default to the checkpoint's value (threads: the count actually used, which can
-# change the last bits; workers: common.data.SeededSamples makes the data independent of it).
+# RESUME_KEEP still default to the checkpoint's value (threads: the count actually used, which
+# changes the last bits, so a different --threads is allowed with a note that the run stays valid but
+# is no longer bit-identical; workers: common.data.SeededSamples makes the data independent of it,
+# measured bit-identical).
 RESUME_FREE = ("resume", "out", "device", "workers", "threads", "no_progress", "overwrite", "save_every",
                "max_image_pixels")
 RESUME_KEEP = ("workers", "threads", "no_progress", "save_every", "max_image_pixels")
@@ -45,62 +49,96 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- ranged argparse types
-def int_range(lo: int | None = None, hi: int | None = None):
-    """argparse type: an integer in [lo, hi] (either end open when None)."""
+def int_range(lo: int | None = None, hi: int | None = None, why: str = ""):
+    """argparse type: an integer in [lo, hi] (either end open when None); `why` explains the limit."""
     def parse(text) -> int:
         try:
             value = int(text)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_clip(text)!r}") from None
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {_describe(lo, hi, False, False)} (got {value})")
+            raise argparse.ArgumentTypeError(f"must be {_describe(lo, hi, False, False)}"
+                                             f"{f' ({why})' if why else ''} (got {_clip(str(value))})")
         return value
     parse.__name__ = "integer"
     return parse
 
 
 def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-                hi_open: bool = False):
+                hi_open: bool = False, why: str = ""):
     """argparse type: a finite number in [lo, hi]; `lo_open` / `hi_open` exclude the ends."""
     def parse(text) -> float:
         try:
             value = float(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {_clip(text)!r}") from None
         bad = not math.isfinite(value)
         bad |= lo is not None and (value < lo or (lo_open and value == lo))
         bad |= hi is not None and (value > hi or (hi_open and value == hi))
         if bad:
-            raise argparse.ArgumentTypeError(f"must be {_describe(lo, hi, lo_open, hi_open)} (got {text})")
+            raise argparse.ArgumentTypeError(f"must be {_describe(lo, hi, lo_open, hi_open)}"
+                                             f"{f' ({why})' if why else ''} (got {_clip(str(text))})")
         return value
     parse.__name__ = "number"
     return parse
 
 
 def _describe(lo, hi, lo_open, hi_open) -> str:
+    def n(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{n(lo)}, {n(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {n(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
+        return f"{'<' if hi_open else '<='} {n(hi)}"
     return "a finite number"
 
 
-POSITIVE_INT = int_range(1)
-NONNEG_INT = int_range(0)
-POSITIVE = float_range(0, lo_open=True)
-NONNEG = float_range(0)
+def _clip(text: str, n: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + "..."
 
 
-def add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=NONNEG_INT, default=0,
-                   help="CPU threads for PyTorch (default 0: one per core that other programs leave idle "
-                        "at start; a resume keeps the run's count)")
+def _cores() -> int:
+    try:
+        return max(len(os.sched_getaffinity(0)), os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Upper bounds: what torch, numpy and the tasks can do. A flag without a specific one below still
+# stays within a 32-bit integer or these magnitudes.
+CORES = _cores()
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**32 - 1          # numpy's RandomState / default_rng seeds; torch takes 64 bits
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_PROCS = max(8, 4 * CORES)  # CPU threads or worker processes: a small multiple of the cores
+POSITIVE_INT = int_range(1, MAX_INT)
+NONNEG_INT = int_range(0, MAX_INT)
+POSITIVE = float_range(0, 1e9, lo_open=True)
+NONNEG = float_range(0, 1e9)
+SEED = int_range(0, MAX_SEED, "what numpy accepts as a seed")
+EPOCHS = int_range(1, MAX_EPOCHS)
+NONNEG_EPOCHS = int_range(0, MAX_EPOCHS)
+BATCH_SIZE = int_range(1, MAX_BATCH)
+WORKERS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES} cores, at least 8")
+THREADS = int_range(0, MAX_PROCS, f"4 per core of this machine's {CORES} cores, at least 8")
+LR = float_range(0, 10, lo_open=True)
+WEIGHT_DECAY = float_range(0, 10)
+LOSS_WEIGHT = float_range(0, 1e6)
+
+
+def add_threads_arg(p: argparse.ArgumentParser, training: bool = False) -> None:
+    p.add_argument("--threads", type=THREADS, default=0,
+                   help="CPU threads for PyTorch (default 0: one per core that other programs leave idle at start"
+                        + ("; a resume keeps the run's count: another count continues the run validly, but not "
+                           "bit-identically)" if training else ")"))
 
 
 def add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-image-pixels", type=NONNEG_INT, default=PILLOW_DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-image-pixels", type=int_range(0, 2**40), default=PILLOW_DEFAULT_MAX_PIXELS,
                    help="refuse images larger than this many pixels (a decompression-bomb guard; 0 = no limit)")
 
 
@@ -168,78 +206,103 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int | None, batch_siz
     g.add_argument("--overwrite", action="store_true",
                    help="start a fresh run in an --out that holds files (the earlier run's checkpoints and logs "
                         "are removed first)")
-    g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help=per_model if epochs is None else None)
-    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
+    g.add_argument("--epochs", type=EPOCHS, default=epochs, help=per_model if epochs is None else None)
+    g.add_argument("--batch-size", type=BATCH_SIZE, default=batch_size,
                    help="per process" + (f"; {per_model}" if batch_size is None else ""))
-    g.add_argument("--lr", type=POSITIVE, default=lr, help=per_model if lr is None else None)
+    g.add_argument("--lr", type=LR, default=lr, help=per_model if lr is None else None)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps | directml")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision: auto = fp16 on CUDA, off on CPU; bf16 works on both")
     g.add_argument("--resume", type=Path, default=None,
                    help="continue exactly from a last.pt checkpoint (other flags default to the checkpoint's)")
-    g.add_argument("--seed", type=NONNEG_INT, default=42)
-    g.add_argument("--workers", type=NONNEG_INT, default=workers, help="DataLoader worker processes")
-    g.add_argument("--accum-steps", type=POSITIVE_INT, default=1, help="gradient accumulation micro-batches")
-    g.add_argument("--clip-grad", type=NONNEG, default=clip_grad,
+    g.add_argument("--seed", type=SEED, default=42)
+    g.add_argument("--workers", type=WORKERS, default=workers, help="DataLoader worker processes")
+    g.add_argument("--accum-steps", type=int_range(1, 4096), default=1, help="gradient accumulation micro-batches")
+    g.add_argument("--clip-grad", type=float_range(0, 1e6), default=clip_grad,
                    help=f"max gradient norm ({'off' if not clip_grad else clip_grad} by default; 0 = off)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
-    g.add_argument("--save-every", type=NONNEG_INT, default=0, help="also keep epoch_NNNN.pt every N epochs")
+    g.add_argument("--save-every", type=NONNEG_EPOCHS, default=0, help="also keep epoch_NNNN.pt every N epochs")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (for log files)")
-    add_threads_arg(g)
+    add_threads_arg(g, training=True)
     add_max_pixels_arg(g)
 
 
 # ---------------------------------------------------------------- parsing and --resume
 def explicit_dests(parser: argparse.ArgumentParser, argv=None) -> set[str]:
-    """The destinations of the flags actually given on the command line (defaults excluded)."""
+    """The destinations of the flags actually given on the command line (defaults excluded, also
+    those set with parser.set_defaults, which argparse would otherwise report as given)."""
     saved = [(a, a.default) for a in parser._actions]
+    saved_defaults = parser._defaults
     try:
         for a, _ in saved:
             a.default = argparse.SUPPRESS
+        parser._defaults = {}
         given, _ = parser.parse_known_args(argv)
     finally:
         for a, d in saved:
             a.default = d
+        parser._defaults = saved_defaults
     return set(vars(given))
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=()) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=(), task: str | None = None,
+               used=None) -> argparse.Namespace:
     """parser.parse_args, plus the resume rule: with --resume, every flag not given on the command
     line takes the value stored in the checkpoint's config (RESUME_FREE ones only when they are in
-    RESUME_KEEP), and a given flag whose value differs from the stored one is refused (except the
-    flags in RESUME_FREE and `resume_free`)."""
+    RESUME_KEEP), and a given flag whose value differs from the one the run used is refused (except
+    the flags in RESUME_FREE and `resume_free`).
+
+    `task`: a checkpoint written by another task is refused first. `used(ckpt) -> {dest: value}`:
+    the values the run actually used for flags it stored as None (left to the task's default), so
+    that a flag given with that same value is accepted and a different one is shown against it."""
     args = parser.parse_args(argv)
     if getattr(args, "resume", None) is None:
         return args
-    stored = resume_config(args.resume)
+    ckpt = resume_checkpoint(args.resume, task)
+    stored = ckpt["config"]
+    defaults = dict(used(ckpt)) if used is not None else {}
     given = explicit_dests(parser, argv)
     free = set(RESUME_FREE) | set(resume_free)
     actions = {a.dest: a for a in parser._actions}
-    changed = []
+    changed, notes = [], []
     for dest, value in vars(args).items():
         if dest in RESUME_KEEP and dest in stored and dest not in given:
             setattr(args, dest, _from_stored(actions[dest], stored[dest]))
+        if dest == "threads" and dest in given and dest in stored and stored[dest] and value != stored[dest]:
+            notes.append(f"note: --threads {value}{' (one per idle core)' if value == 0 else ''} differs from the "
+                         f"{stored[dest]} thread(s) the run used: it continues validly, but not bit-identically (the "
+                         f"thread count changes the order of the sums); leave --threads out to keep the run's count")
         if dest in free or dest not in stored:
             continue
         if dest in given:
-            if _plain(value) != stored[dest]:
+            then = stored[dest] if stored[dest] is not None else defaults.get(dest)
+            if _plain(value) != _plain(then):
                 flag = actions[dest].option_strings[-1] if actions[dest].option_strings else dest
-                changed.append(f"{flag} {_show(value)} (the checkpoint has {_show(stored[dest])})")
+                had = "the run was started without it" if then is None else f"the checkpoint has {_show(then)}"
+                changed.append(f"{flag} {_show(value)} ({had})")
         else:
             setattr(args, dest, _from_stored(actions[dest], stored[dest]))
     if changed:
         raise UserError(f"{args.resume}: a resume continues the run exactly, but "
                         f"{'; '.join(changed)}; drop the flag(s), or start a new run (--init where the task has it)")
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(note)
     return args
 
 
-def resume_config(path: Path) -> dict:
+def resume_checkpoint(path: Path, task: str | None = None) -> dict:
+    """The checkpoint a --resume names (tensors memory-mapped): a training checkpoint, of `task`."""
+    if Path(path).is_dir():
+        raise UserError(f"{path}: is a folder; --resume takes the run's last.pt")
     if not Path(path).is_file():
         raise UserError(f"{path}: checkpoint to resume from not found")
-    from common.checkpoint import check_checkpoint  # here, to keep the import graph acyclic
-    ckpt = check_checkpoint(load_untrusted(path, mmap=True), path)
-    return ckpt["config"]
+    from common.checkpoint import check_checkpoint, require_task  # here, to keep the import graph acyclic
+    obj = load_untrusted(path, mmap=True)
+    if task is not None:
+        require_task(obj, path, task, f"a {task}/train.py last.pt to resume from")
+    return check_checkpoint(obj, path)
 
 
 def _plain(v):
@@ -279,12 +342,29 @@ def _run_files(folder: Path, extra=()) -> list[Path]:
     return sorted({p for pattern in (*RUN_OUTPUTS, *extra) for p in folder.glob(pattern)})
 
 
+def _unfinished_start(out: Path, held: list[str], outputs) -> bool:
+    """Whether `out` holds only what a run wrote before it failed, ahead of its first checkpoint: the
+    marker a run leaves in its new or empty folder until then, no checkpoint, only run outputs."""
+    from common.checkpoint import UNFINISHED_MARKER
+    patterns = (*RUN_OUTPUTS, *outputs)
+    return ((out / UNFINISHED_MARKER).is_file() and not any(out.glob("*.pt"))
+            and all(any(fnmatch.fnmatch(name, p) for p in patterns) for name in held))
+
+
 def prepare_run_dir(out: Path, *, resume: Path | None, overwrite: bool, outputs=()) -> None:
     """The folder rules (rank 0 only): a fresh run needs a new or empty folder, or --overwrite; a
-    resume may write only into its own folder or into a new or empty one."""
+    resume may write only into its own folder or into a new or empty one. A folder that holds only
+    the unfinished start of a run that failed before its first checkpoint counts as empty."""
+    from common.checkpoint import UNFINISHED_MARKER
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if held and _unfinished_start(out, held, outputs):
+        for p in _run_files(out, outputs):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--out {out}: removed the unfinished start of an earlier run there ({', '.join(held[:4])}; it "
+              f"stopped before its first checkpoint)")
+        held = []
     # a resume writes into its checkpoint's own folder, or into the run whose later stage it is
     # (battery_ct: RUN/last.pt for stage 1, RUN/finetune/last.pt for stage 2)
     rp = Path(resume).resolve() if resume is not None else None
@@ -307,6 +387,8 @@ def prepare_run_dir(out: Path, *, resume: Path | None, overwrite: bool, outputs=
     make_output_dir(out)
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot be written: no write permission")
+    if not any(out.glob("*.pt")):
+        (out / UNFINISHED_MARKER).touch()
     stale = remove_stale_temp_files(out)
     if stale:
         print(f"removed {stale} temporary file(s) left by an interrupted write in {out}")

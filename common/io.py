@@ -87,6 +87,8 @@ def make_output_dir(folder: str | os.PathLike) -> Path:
 def remove_created_dirs_if_empty() -> None:
     for d in reversed(_created_dirs):  # deepest first
         with contextlib.suppress(OSError):
+            if [p.name for p in d.iterdir()] == [".unfinished"]:   # a run's start marker alone (common.cli)
+                (d / ".unfinished").unlink()
             d.rmdir()  # only succeeds when empty
     _created_dirs.clear()
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -29,7 +32,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, unwrap
+from common.checkpoint import UNFINISHED_MARKER, load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from common.data import set_epoch
 from common.device import autocast
 from common.distributed import DistInfo, all_reduce_mean, any_rank, barrier, check_replicas, sync_buffers
@@ -42,6 +45,23 @@ def run_finished(ckpt: dict, epochs: int, patience: int | None) -> bool:
     """Whether a checkpoint's run already did all `epochs` or stopped early."""
     bad = ckpt.get("extra", {}).get("trainer", {}).get("bad_epochs", 0)
     return ckpt["epoch"] >= epochs or (patience is not None and bad >= patience)
+
+
+def resume_command(last: Path, world_size: int = 1) -> str:
+    """The command that continues a run: the script as it was started (under torchrun with as many
+    processes: --batch-size is per process), and --resume alone (every other flag is taken from
+    the checkpoint)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
+    if script is None:
+        return f"--resume {shlex.quote(str(last))}"
+    if world_size > 1:
+        return " ".join(shlex.quote(part) for part in ("torchrun", "--nproc_per_node", str(world_size), script,
+                                                        "--resume", str(last)))
+    python = "python"   # the short name where it is this interpreter, else the full path
+    found = shutil.which("python")
+    if sys.executable and (found is None or os.path.abspath(found) != os.path.abspath(sys.executable)):
+        python = sys.executable
+    return " ".join(shlex.quote(part) for part in (python, script, "--resume", str(last)))
 
 
 class TrainingDiverged(UserError):
@@ -165,6 +185,7 @@ class Trainer:
                         scaler=self.scaler, epoch=self.epoch, step=self.step,
                         best_metric=self.best if math.isfinite(self.best) else None,
                         config=self.config, extra=extra)
+        (self.out_dir / UNFINISHED_MARKER).unlink(missing_ok=True)   # a run now, no longer an unfinished start
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path)
@@ -247,8 +268,8 @@ class Trainer:
 
     def _interrupted(self, where: str):
         if self.info.is_main:
-            print(f"interrupted {where}: resumable checkpoint {self.last_path}; continue with "
-                  f"--resume {self.last_path}", file=sys.stderr, flush=True)
+            print(f"interrupted {where}: resumable checkpoint {self.last_path}; continue with: "
+                  f"{resume_command(self.last_path, self.info.world_size)}", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     def _run_epoch(self) -> dict:

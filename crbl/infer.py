@@ -26,11 +26,13 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
+from common.checkpoint import require_task
+from common.cli import (BATCH_SIZE, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
                         float_range)
 from common.data import list_images
 from common.device import cpu_streams, select_device
-from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
+from common.io import (UserError, atomic_write_text, check_output_file, load_state_strict, load_untrusted, run_cli,
+                       state_dict_from)
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
@@ -60,7 +62,10 @@ def load_model(weights: Path, expected_type: str | None, role: str) -> tuple[CRB
     A training checkpoint knows whether it is a crop or a full model; running crop weights as full
     (or a swapped --combined pair) would give plausible-looking wrong probabilities."""
     model = CRBL()
-    obj = load_weights_into(model, weights)
+    obj = load_untrusted(weights)
+    require_task(obj, weights, "crbl", "a crbl/train.py checkpoint or weights converted by scripts/convert_h5.py")
+    load_state_strict(model, state_dict_from(obj, weights), weights)
+    obj = obj if isinstance(obj, dict) else {}
     cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
     stored = cfg.get("model_type")
     if stored is not None and expected_type is not None and stored != expected_type:
@@ -103,7 +108,7 @@ def main(argv=None):
     p.add_argument("--full-threshold", type=PROBABILITY, default=DEFAULT_THRESHOLDS["full"])
     p.add_argument("--out", type=Path, help="CSV to write (default runs/crbl/predictions-<time>.csv)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
     add_threads_arg(p)
     add_max_pixels_arg(p)

@@ -19,11 +19,11 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cli
-from common.cli import NONNEG, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
+from common.cli import add_common_args, float_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
-from common.checkpoint import unwrap
+from common.checkpoint import require_task, unwrap
 from common.distributed import all_gather_cat, cleanup, wrap_model
-from common.io import UserError, load_weights_into, run_cli
+from common.io import UserError, load_state_strict, load_untrusted, load_weights_into, run_cli, state_dict_from
 from common.metrics import classification_report, roc_auc
 from common.trainer import Trainer
 from crbl.data import BUILTIN_VERSION, CRBLDataset, make_builtin_dataset, read_labels
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--model-type", required=True, choices=MODEL_TYPES,
                    help="crop: layers[150:] of both backbones + head train; full: head only")
     add_common_args(p, epochs=None, batch_size=32, lr=1e-4)
-    p.add_argument("--weight-decay", type=NONNEG, default=1e-6)
+    p.add_argument("--weight-decay", type=cli.WEIGHT_DECAY, default=1e-6)
     p.add_argument("--init", type=Path, help="converted whole-CRBL weights (scripts/convert_h5.py)")
     p.add_argument("--backbone-weights", type=Path, nargs=2, metavar=("IMAGENET", "NOISY_STUDENT"),
                    help="two converted single-backbone notop files")
@@ -48,9 +48,10 @@ def parse_args(argv=None):
                    help="'balanced' (n / (2 n_c)), 'none', or 'w0,w1'")
     p.add_argument("--threshold", type=float_range(0, 1, lo_open=True), default=None,
                    help="decision threshold for the metrics (default 0.01 crop / 0.5 full)")
-    p.add_argument("--patience", type=POSITIVE_INT, default=10, help="early stopping on val_loss")
-    p.add_argument("--plateau-patience", type=int_range(0), default=2, help="ReduceLROnPlateau(0.5) patience")
-    return cli.parse_args(p, argv)
+    p.add_argument("--patience", type=cli.EPOCHS, default=10, help="early stopping on val_loss")
+    p.add_argument("--plateau-patience", type=cli.NONNEG_EPOCHS, default=2, help="ReduceLROnPlateau(0.5) patience")
+    return cli.parse_args(p, argv, task="crbl",
+                          used=lambda ckpt: {"threshold": ckpt["config"].get("decision_threshold")})
 
 
 def class_weights(spec: str, labels: torch.Tensor) -> torch.Tensor:
@@ -76,13 +77,24 @@ def bce_loss(logits, targets, weights, smoothing: float):
     return (per_sample * weights[targets.long()]).mean()
 
 
-def load_init_weights(model, args) -> None:
+def read_init(args) -> dict | None:
+    """The --init weights, read and checked before the run folder is made."""
+    if args.init and args.backbone_weights:
+        raise UserError("--init and --backbone-weights are alternatives; give one")
+    if not args.init or args.resume is not None:
+        return None
+    obj = load_untrusted(args.init)
+    require_task(obj, args.init, "crbl", "a crbl/train.py checkpoint or weights converted by scripts/convert_h5.py")
+    return state_dict_from(obj, args.init)
+
+
+def load_init_weights(model, args, init_sd: dict | None = None) -> None:
     if args.init and args.backbone_weights:
         raise UserError("--init and --backbone-weights are alternatives; give one")
     if args.resume is not None:
         return  # the checkpoint brings the weights
     if args.init:
-        load_weights_into(model, args.init)
+        load_state_strict(model, init_sd if init_sd is not None else read_init(args), args.init)
         print(f"initialised from {args.init}")
     elif args.backbone_weights:
         for backbone, path in zip((model.backbone1, model.backbone2), args.backbone_weights):
@@ -120,6 +132,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.epochs is None:  # the original's 30, or a one-minute demo on the built-in data
         args.epochs = 30 if args.data is not None else DEMO_EPOCHS
+    init_sd = read_init(args)
     run = setup_run(args, "crbl", args.model_type)
     data_dir = args.data or ensure_builtin("crbl", BUILTIN_VERSION, make_builtin_dataset)
     if args.data is None and run.info.is_main:
@@ -132,7 +145,7 @@ def main(argv=None):
               f"({int(train_set.labels.sum())} / {int(val_set.labels.sum())} with impurity)")
 
     model = build_model(args.model_type)
-    load_init_weights(model, args)
+    load_init_weights(model, args, init_sd)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if run.info.is_main:
         print(f"model: CRBL {args.model_type}, {n_train:,} trainable parameters")

@@ -222,10 +222,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/phaseformer/infer-<time>)")
     p.add_argument("--preset", choices=("ours", "official"), default="ours")
     p.add_argument("--head", choices=("1x", "2x"), default=None, help="output head (default 1x; official: 2x)")
-    p.add_argument("--tile", type=cli.int_range(64), default=None,
+    p.add_argument("--tile", type=cli.int_range(64, 16384), default=None,
                    help=f"tile size in px for large images (a multiple of 8; default {DEFAULT_TILE}, or the size "
                         f"of an ONNX file exported for one size)")
-    p.add_argument("--overlap", type=cli.NONNEG_INT, default=32, help="tile overlap in px (at most a quarter tile)")
+    p.add_argument("--overlap", type=cli.int_range(0, 4096), default=32, help="tile overlap in px (at most a quarter tile)")
     p.add_argument("--gt", type=Path, default=None, help="reference images (same names) for --metrics")
     p.add_argument("--metrics", action="store_true", help="PSNR / SSIM against --gt into metrics.csv/json")
     p.add_argument("--device", default="auto")

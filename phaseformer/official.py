@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import require_task
 from common.io import UserError, strip_wrapper_prefixes
 from phaseformer.model import Phaseformer
 from phaseformer.safe_pickle import InertModule, RefusedGlobal, load_pickled
@@ -85,6 +86,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     obj, info = _load_any(path)
+    require_task(obj, path, "phaseformer", "a phaseformer/train.py checkpoint or Phaseformer weights")
     sd, info["stripped"] = strip_wrapper_prefixes(_as_state_dict(obj, path))
     want = expected_state()
     missing = [k for k in want if k not in sd]

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 
 from common import cli
 from common.checkpoint import load_checkpoint, unwrap
-from common.cli import NONNEG_INT, POSITIVE_INT, add_common_args, float_range, int_range, setup_run
+from common.cli import POSITIVE_INT, add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
@@ -45,7 +45,7 @@ from common.vgg import WeightsUnavailable
 from phaseformer.data import BUILTIN_VERSION, SAMPLINGS, PairDataset, make_builtin_dataset, resolve_dataset
 from phaseformer.losses import TERMS, PERCEPTUAL_VARIANTS, PerceptualLoss, PhaseformerLoss
 from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
-from phaseformer.official import load_weights
+from phaseformer.official import read_weights
 
 TASK = "phaseformer"
 # trains.py: 256 px, batch 8, niter 50 + niter_decay 500
@@ -66,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resize: whole images (trains.py, default); crop: random regions (demo)")
     g.add_argument("--val-size", type=int_range(32, 4096), default=None,
                    help="validation input size, a multiple of 8 (default: --image-size)")
-    g.add_argument("--niter", type=NONNEG_INT, default=None, help="epochs at the initial lr (default 50; demo 3)")
-    g.add_argument("--niter-decay", type=NONNEG_INT, default=None,
+    g.add_argument("--niter", type=cli.NONNEG_EPOCHS, default=None, help="epochs at the initial lr (default 50; demo 3)")
+    g.add_argument("--niter-decay", type=cli.NONNEG_EPOCHS, default=None,
                    help="epochs of linear lr decay after --niter (default 500; demo 2); "
                         "--epochs defaults to niter + niter_decay + 1")
     g.add_argument("--beta1", type=float_range(0, 1, hi_open=True), default=0.5, help="Adam beta1")
@@ -79,13 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--split", type=Path, default=None, help="split file (train<TAB>name / val<TAB>name lines)")
     g.add_argument("--val-count", type=POSITIVE_INT, default=None,
                    help="validation pairs of a seeded random split (default 10%%; LSUI papers use 400)")
-    g.add_argument("--split-seed", type=NONNEG_INT, default=0, help="seed of the random split")
-    g.add_argument("--sample-every", type=NONNEG_INT, default=1,
+    g.add_argument("--split-seed", type=cli.SEED, default=0, help="seed of the random split")
+    g.add_argument("--sample-every", type=cli.NONNEG_EPOCHS, default=1,
                    help="write samples/epoch_NNNN.png (input / 1x output / ground truth) every N epochs; 0 = never")
     g.add_argument("--init", type=Path, default=None,
                    help="initial weights: an official release file, a converted file or a checkpoint "
                         "(the release weights expect [-1, 1] inputs; training here uses [0, 1])")
-    return cli.parse_args(p, argv, resume_free=("sample_every",))
+    return cli.parse_args(p, argv, resume_free=("sample_every",), task=TASK,
+                          used=lambda ckpt: {k[4:]: v for k, v in ckpt["config"].items() if k.startswith("run_")})
 
 
 def plan_run(args, stored: dict | None) -> dict:
@@ -138,7 +139,7 @@ def make_criterion(args, plan, info, device) -> PhaseformerLoss:
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    resumed = load_checkpoint(args.resume) if args.resume is not None else None
+    resumed = load_checkpoint(args.resume, TASK) if args.resume is not None else None
     stored = resumed["config"] if resumed is not None else None
     if stored is not None and stored.get("task") != TASK:
         raise UserError(f"{args.resume}: not a phaseformer training checkpoint "
@@ -151,6 +152,7 @@ def main(argv=None):
                                                                     args.split_seed)
     if args.init is not None and not args.init.is_file():
         raise UserError(f"--init {args.init}: file not found")
+    init = read_weights(args.init) if args.init is not None else None   # read and checked before any output
 
     run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS)
     main_rank = run.info.is_main
@@ -164,10 +166,10 @@ def main(argv=None):
     model = build_model()
     for p in model.unused_parameters():  # ups2 and attention[3] hold weights but are never used
         p.requires_grad_(False)
-    if args.init is not None:
-        info = load_weights(model, args.init)
+    if init is not None:
+        model.load_state_dict(init[0], strict=True)
         if main_rank:
-            print(f"initialised from {args.init} ({info['kind']})")
+            print(f"initialised from {args.init} ({init[1]['kind']})")
     criterion = make_criterion(args, plan, run.info, run.device)
     model = wrap_model(model.to(run.device), run.device, run.info, channels_last=args.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]

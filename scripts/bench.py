@@ -1276,11 +1276,12 @@ def main():
         return spectral_step_worker(sys.argv[2:])
     if sys.argv[1:2] == ["_ddp_step_worker"]:
         return ddp_step_worker(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.cli import ArgumentParser, int_range, MAX_PROCS
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="crbl, spectral, ddp: alternating rounds of the processes of each side (>= 3)")
+    p.add_argument("--threads", type=int_range(1, MAX_PROCS), default=None)
+    p.add_argument("--repeats", type=int_range(1, 10_000), default=5)
+    p.add_argument("--rounds", type=int_range(1, 1000), default=3, help="crbl, spectral, ddp: alternating rounds of the processes of each side (>= 3)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu and onnx sections: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
     p.add_argument("--weights", type=Path, default=None,

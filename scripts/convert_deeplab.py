@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 
 from battery_ct.model import DeepLabClassifier, DeepLabSeg, describe_key_mismatch
 from common.cli import ArgumentParser
+from common.checkpoint import checkpoint_task
 from common.io import UserError, atomic_torch_save, check_output_file, load_untrusted, run_cli
 
 try:  # numpy >= 2
@@ -72,6 +73,10 @@ def convert(src: Path, dst: Path, task: str, overwrite: bool = False) -> dict:
         raise UserError(f"{dst}: output would overwrite the input")
     check_output_file(dst, overwrite, flag="OUT")
     obj = load_untrusted(src, safe_globals=NUMPY_SCALAR_GLOBALS)
+    held = checkpoint_task(obj)
+    if held is not None:
+        raise UserError(f"{src} is a {held} checkpoint of this project; convert_deeplab.py needs the original "
+                        f"DeepLab weights (this project's checkpoints need no conversion)")
     sd, meta = extract_state_dict(obj, src)
 
     head = sd.get("decoder.last_conv.8.weight")

@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, POSITIVE_INT, add_threads_arg, apply_runtime_args, float_range, int_range
+from common.cli import BATCH_SIZE, ArgumentParser, add_threads_arg, apply_runtime_args, float_range, int_range
 from common.io import UserError, check_output_file, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         "checkpoint's --image-size, deeplab_seg 640x640, the default segmentation window; "
                         "spectral 128x128; phaseformer 256x256, multiples of 8)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed, --batch-size)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="the fixed batch size without --dynamic-batch")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=1, help="the fixed batch size without --dynamic-batch")
     p.add_argument("--dynamic-size", action="store_true",
                    help="any input height and width (battery_ct deeplab_seg and the classifiers, spectral cnn_gru, "
                         "colorize, phaseformer (multiples of 8); not "

@@ -9,9 +9,11 @@
   dashboard: {enabled, port}
   output:   {dir, log_file}
 
-A CR_recon config runs unchanged. Missing keys take CR_recon's defaults; an unknown key, a value of
-the wrong type or out of range is one error line naming the file and the key. YAML 1.1 reads `1e-3`
-as text, so numbers written that way are accepted for number fields.
+A CR_recon config runs unchanged. Missing keys take CR_recon's defaults; an unknown key, a key
+given twice, a value of the wrong type or out of range is one error line naming the file and the
+key. An empty file is refused (it would mean CR_recon's defaults throughout, which differ from
+configs/default.yaml). YAML 1.1 reads `1e-3` as text, so numbers written that way are accepted for
+number fields.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from common.cli import MAX_BATCH, MAX_EPOCHS, MAX_SEED
 from common.io import UserError
 from spectral.data import N_POINTS
 from spectral.losses import check_loss_params
@@ -89,15 +92,15 @@ def _mapping(v, key):
 
 
 SCHEMA = {
-    "seed": _Int(0),
+    "seed": _Int(0, MAX_SEED),
     "data": {"struct_files": _paths, "spectra_files": _paths, "out_len": _Int(3, N_POINTS),
              "map_to_pm1": _bool, "augment_180": _bool, "train_ratio": _Float(0.0, 1.0, True, True),
-             "batch_size": _Int(1), "num_workers": _Int(0)},
+             "batch_size": _Int(1, MAX_BATCH), "num_workers": _Int(0, 256)},
     "model": {"name": _str, "params": _mapping},
     "loss": {"name": _str, "params": _mapping},
-    "training": {"epochs": _Int(1), "lr": _Float(0.0, None, lo_open=True), "weight_decay": _Float(0.0),
-                 "grad_clip": _Float(0.0), "use_amp": _bool, "warmup_ratio": _Float(0.0, 1.0, hi_open=True),
-                 "save_every": _Int(0)},
+    "training": {"epochs": _Int(1, MAX_EPOCHS), "lr": _Float(0.0, 10.0, lo_open=True), "weight_decay": _Float(0.0, 10.0),
+                 "grad_clip": _Float(0.0, 1e6), "use_amp": _bool, "warmup_ratio": _Float(0.0, 1.0, hi_open=True),
+                 "save_every": _Int(0, MAX_EPOCHS)},
     "dashboard": {"enabled": _bool, "port": _Int(1, 65535)},
     "output": {"dir": _str, "log_file": _str},
 }
@@ -159,18 +162,51 @@ def check_config(cfg: dict, source: str, training: bool = True) -> dict:
     return out
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key '{key}' appears twice, at line {first} and line {line}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:   # the keys written here; merged ones (<<: *x) may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:          # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first != key_node.start_mark.line:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, first + 1)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def load_config(path: str | os.PathLike, training: bool = True) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except DuplicateKey as e:
+        raise UserError(f"{path}: {e}; give each key once (YAML would silently keep the last)") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raise UserError(f"{path}: the config is empty; give the settings to change (a copy of {DEFAULT_CONFIG.name} "
+                        f"in spectral/configs/ is a start), or leave --config out for the default")
     return check_config(raw, str(path), training)
 
 

@@ -32,9 +32,8 @@ COLOURS = {"R": "#d62728", "G": "#2ca02c", "B": "#1f77b4"}
 
 
 def check_port(host: str, port: int) -> None:
-    """Before any output is written: refuse a port that another program serves on."""
-    if port == 0:
-        return
+    """Before any output is written: refuse a host that cannot be bound, or a port that another
+    program serves on. Port 0 (any free port) still checks the host."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -45,6 +44,9 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
+            if port == 0:   # any port would do: the host is what cannot be bound
+                raise UserError(f"--dashboard-host {host}: cannot serve there ({e.strerror or e}); give an address "
+                                f"of this machine, or --no-dashboard") from None
             raise UserError(f"--dashboard: cannot serve on {host}:{port} ({e.strerror or e}); choose another port "
                             f"with --dashboard PORT, or --no-dashboard") from None
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `python spectral/infer.py` from a checkout: import this checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.checkpoint import require_task
 from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import AMP_CHOICES, amp_dtype, cpu_streams, select_device
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(weights: Path, config: Path | None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, config). Our checkpoints carry their config; CR_recon's need --config."""
     obj = load_untrusted(weights)
+    require_task(obj, weights, "spectral", "a spectral/train.py checkpoint, or CR_recon weights with --config")
     ours = isinstance(obj, dict) and "format_version" in obj and isinstance(obj.get("extra"), dict) \
         and isinstance(obj["extra"].get("spectral"), dict)
     if ours:

@@ -87,7 +87,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep serving this long after training ends (Ctrl-C stops it)")
     # the config travels in the checkpoint; how the dashboard is served changes nothing computed
     return cli.parse_args(p, argv, resume_free=("config", "dashboard", "no_dashboard", "dashboard_host",
-                                                "dashboard_keep"))
+                                                "dashboard_keep"), task=TASK, used=values_used)
+
+
+def values_used(ckpt: dict) -> dict:
+    """The values a run took from its config for the common flags it was started without."""
+    stored = ckpt.get("extra", {}).get(TASK, {}).get("config")
+    if not isinstance(stored, dict):
+        return {}
+    out = {}
+    for flag, section, key in OVERRIDES:
+        holder = stored if section is None else stored.get(section, {})
+        if isinstance(holder, dict) and key in holder:
+            out[flag] = holder[key]
+    return out
 
 
 # ---------------------------------------------------------------- configuration
@@ -130,7 +143,7 @@ def resolve_config(args) -> tuple[dict, dict | None, str]:
     """(config, checkpoint or None, where the config came from)."""
     ckpt = None
     if args.resume is not None:
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume, TASK)
         stored = ckpt.get("extra", {}).get(TASK)
         if not isinstance(stored, dict) or "config" not in stored:
             raise UserError(f"{args.resume}: not a checkpoint of spectral/train.py (CR_recon's own checkpoints "
@@ -228,6 +241,8 @@ def main(argv=None):
     if args.resume is None and args.out is None:
         resolved.out = Path(cfg["output"]["dir"]) / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    if args.no_dashboard and args.dashboard is not None:
+        raise UserError("--no-dashboard and --dashboard contradict each other; give one")
     port = args.dashboard if args.dashboard not in (None, -1) else cfg["dashboard"]["port"]
     want_dashboard = not args.no_dashboard and (args.dashboard is not None or cfg["dashboard"]["enabled"])
     if want_dashboard:
@@ -335,7 +350,9 @@ def main(argv=None):
                        "spectra_files": [str(p.resolve()) for p in spectra_files], "baseline_val_loss": baseline,
                        "log_lines": text_log.lines if text_log is not None else []}}
 
-    config = {**plain_config(args), "task": TASK, "model": model_name}
+    # the thread count and memory format actually used: a resume keeps them (they change the last bits)
+    config = {**plain_config(args), "threads": resolved.threads, "channels_last": channels_last,
+              "task": TASK, "model": model_name}
     trainer = Trainer(model, opt, loader, loss_fn, out_dir=run.out_dir, epochs=tr["epochs"], device=run.device,
                       info=run.info, evaluate=evaluate, scheduler=sched, scheduler_interval="step",
                       monitor="val_loss", mode="min", amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -114,7 +115,8 @@ def test_ctrl_c_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(small
     c = tmp_path / "C"
     stdout_file = tmp_path / "stdout.txt"
     with open(stdout_file, "w") as stdout_sink:    # stderr has one reader, the watcher below
-        proc = subprocess.Popen([sys.executable, str(REPO / "colorize" / "train.py"), *map(str, SMALL), "--out", str(c)],
+        proc = subprocess.Popen([sys.executable, str(REPO / "colorize" / "train.py"), *map(str, SMALL), "--seed", "42",
+                                 "--out", str(c)],
                                 stdout=stdout_sink, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = threading.Event()
@@ -139,7 +141,10 @@ def test_ctrl_c_in_the_first_epoch_saves_a_checkpoint_that_resumes_exactly(small
     assert "interrupted in epoch 1 after batch" in err
     ckpt = load_untrusted(c / "last.pt")
     assert ckpt["epoch"] == 0 and ckpt["extra"]["trainer"]["mid_epoch"]["batch"] >= 1
-    call("--resume", c / "last.pt", "--no-progress")
+    printed = err.split("continue with: ")[1].splitlines()[0]   # the command printed at Ctrl-C, as printed
+    command = shlex.split(printed)
+    assert command[1].endswith("colorize/train.py") and command[2:] == ["--resume", str(c / "last.pt")], printed
+    call(*command[2:])
     a_state, c_state = model_state(a_out / "last.pt"), model_state(c / "last.pt")
     assert all(torch.equal(a_state[k], c_state[k]) for k in a_state)
 

@@ -132,7 +132,7 @@ def test_overwrite_replaces_the_earlier_run_only(tmp_path):
         (out / name).write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
     cli.prepare_run_dir(out, resume=None, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".unfinished", "notes.txt"]   # the marker: until a checkpoint
 
 
 @pytest.mark.parametrize("script", ["convert_deeplab", "convert_h5"])

@@ -6,6 +6,7 @@ import copy
 import csv
 import io
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -93,10 +94,10 @@ def test_short_run_writes_everything_and_trains_the_loss_weights(straight):
     assert len(groups[1]["params"]) == 1                                         # the loss weights
 
 
-def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, straight, tmp_path, monkeypatch):
-    """Ctrl-C in epoch 2 saves a mid-epoch last.pt; the resume (here with DataLoader workers, the
-    runs had none) ends bit-identical to the straight run (the original reloaded the weights only
-    and restarted the lr schedule)."""
+def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, straight, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 saves a mid-epoch last.pt; the resume with the command printed at Ctrl-C (of
+    a run started with --seed) ends bit-identical to the straight run (the original reloaded the
+    weights only and restarted the lr schedule)."""
     split = tmp_path / "split"
     common = [*_args(lsui), "--sampling", "crop"]
 
@@ -111,13 +112,16 @@ def test_interrupted_run_resumes_exactly_with_optimizer_and_schedule(lsui, strai
 
     with monkeypatch.context() as m:
         m.setattr(PhaseformerLoss, "forward", forward)
+        m.setattr(sys, "argv", ["phaseformer/train.py"])
         with pytest.raises(KeyboardInterrupt):
-            run_train([*common, "--out", str(split)])
+            run_train([*common, "--seed", "42", "--out", str(split)])   # 42: the straight run's default
+    command = shlex.split(capsys.readouterr().err.split("continue with: ")[1].splitlines()[0])
+    assert command[1:] == ["phaseformer/train.py", "--resume", str(split / "last.pt")], command
     interrupted = torch.load(split / "last.pt", weights_only=True)
     assert interrupted["epoch"] == 1 and interrupted["extra"]["trainer"]["mid_epoch"]["batch"] == 1
     with pytest.raises(UserError, match="--lr 0.002 \\(the checkpoint has 0.001\\)"):
         train.main(["--resume", str(split / "last.pt"), "--lr", "0.002"])
-    train.main(["--resume", str(split / "last.pt"), "--threads", "1"])
+    train.main(command[2:])
     a, b = torch.load(straight / "last.pt", weights_only=True), torch.load(split / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -178,7 +182,7 @@ def test_bad_flags_and_data_in_one_line(lsui, tmp_path, capsys):
             run_train([*argv, "--out", str(tmp_path / "never")] + ([] if "--data" in argv else ["--data", str(lsui)]))
     other = tmp_path / "other.pt"
     save_checkpoint(other, model=torch.nn.Linear(2, 2), config={"task": "crbl", "lr": 1e-3})
-    with pytest.raises(UserError, match="other.pt: not a phaseformer training checkpoint"):
+    with pytest.raises(UserError, match="other.pt is a crbl checkpoint; phaseformer needs"):
         train.main(["--resume", str(other)])
     assert not (tmp_path / "never").exists()
 
