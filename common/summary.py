@@ -22,7 +22,8 @@ def verdict(m: Metric) -> str:
         return "not comparable (non-finite)"
     better = m.value > m.baseline if m.higher_is_better else m.value < m.baseline
     if m.relative and m.baseline != 0:
-        change = f"{abs(100.0 * (m.value / m.baseline - 1.0)):.0f}% {'higher' if m.value > m.baseline else 'lower'}"
+        pct = abs(100.0 * (m.value / m.baseline - 1.0))
+        change = f"{pct:.{1 if pct < 10 else 0}f}% {'higher' if m.value > m.baseline else 'lower'}"
     else:
         change = f"{m.value - m.baseline:+.4g}{m.unit}"
     if m.value == m.baseline:

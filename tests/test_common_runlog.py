@@ -44,3 +44,19 @@ def test_tensorboard_tags_put_the_losses_first():
     assert tags == {"train_loss": "loss/train", "val_loss": "loss/val", "val_baseline_loss": "loss/val_baseline",
                     "val_psnr": "metrics/val_psnr", "lr": "train/lr", "train_l1": "train/l1"}
     assert sorted({t.split("/")[0] for t in tags.values()})[0] == "loss"
+
+
+def test_summary_compares_with_the_baseline_honestly():
+    from common.summary import Metric, format_summary, verdict
+
+    assert verdict(Metric("val_loss", 0.0023, 0.0063, higher_is_better=False, relative=True)) == \
+        "63% lower, better than the baseline"
+    assert verdict(Metric("val_loss", 0.007279, 0.007262, higher_is_better=False, relative=True)) == \
+        "0.2% higher, WORSE than the baseline"
+    assert verdict(Metric("val_psnr", 20.74, 18.49, higher_is_better=True, unit=" dB")) == \
+        "+2.25 dB, better than the baseline"
+    text = format_summary("t", [Metric("val_score", 0.5, 0.6, higher_is_better=True)], "the gray input", "RUN",
+                          ["best.pt"], "DATA", ["python x.py"])
+    assert text.splitlines() == ["summary: t", "  val_score: 0.5 (baseline 0.6): -0.1, WORSE than the baseline",
+                                 "  baseline:  the gray input", "  data:      DATA", "  outputs:   RUN/ (best.pt)",
+                                 "  next:      python x.py"]
