@@ -189,7 +189,7 @@ def test_default_run_uses_the_builtin_data(tmp_path, monkeypatch):
     assert "using the built-in demo data" in out and "with the built-in demo recipe" in out
     assert "model: cnn_xattn, 8,881,980 parameters" in out
     assert "summary: spectral, best.pt = epoch 1 of 1 (lowest val_loss)" in out
-    assert re.search(r"  val_loss: \S+ \(baseline \S+\): \d+% (lower|higher), (better|WORSE) than the baseline", out)
+    assert re.search(r"  val_loss: \S+ \(baseline \S+\): [\d.]+% (lower|higher), (better|WORSE) than the baseline", out)
     assert f"  data:     built-in demo data in {root} " in out                 # where the files are, named
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["training"]["lr"] == 3e-4 and cfg["data"]["batch_size"] == 8 and cfg["training"]["epochs"] == 1
