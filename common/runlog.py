@@ -144,7 +144,7 @@ def loss_figure(history: list[dict], monitor: str | None = None, mode: str = "mi
         if ref:
             metric_ax.plot(epochs, column(ref), "--", color="grey", label=f"{ref} (baseline)")
         metric_ax.set_xlabel("epoch")
-        metric_ax.set_ylabel(monitor)
+        metric_ax.set_ylabel(f"{monitor} (dB)" if "psnr" in monitor else monitor)   # PSNR's unit; the others have none
         metric_ax.set_title(f"{monitor} per epoch ({'higher' if mode == 'max' else 'lower'} is better)")
     if best is not None and monitor is not None:
         word = "highest" if mode == "max" else "lowest"

@@ -20,7 +20,7 @@ def test_a_metric_that_is_not_the_loss_gets_its_panel_baseline_and_best_mark():
     loss_ax, metric_ax = fig.axes
     assert labels(loss_ax)[:2] == ["training loss", "validation loss"]
     assert loss_ax.get_xlabel() == "epoch" and loss_ax.get_ylabel() == "loss"
-    assert metric_ax.get_ylabel() == "val_psnr" and "higher is better" in metric_ax.get_title()
+    assert metric_ax.get_ylabel() == "val_psnr (dB)" and "higher is better" in metric_ax.get_title()
     star = [ln for ln in metric_ax.get_lines() if ln.get_label().startswith("best.pt")][0]
     assert star.get_label() == "best.pt: epoch 2, highest val_psnr 21.5" and list(star.get_xdata()) == [2]
     assert "val_psnr_input (baseline)" in labels(metric_ax)
