@@ -128,12 +128,13 @@ def loss_figure(history: list[dict], monitor: str | None = None, mode: str = "mi
     separate = monitor is not None and monitor not in keys and any(_finite(r.get(monitor)) for r in history)
     fig, axes = plt.subplots(1, 2 if separate else 1, figsize=(12 if separate else 7, 4.5), dpi=100, squeeze=False)
     ax = axes[0, 0]
+    dash = "_" if len(epochs) == 1 else None   # a one-epoch baseline is a point: a dashed line alone would not show
     labels = {"train_loss": "training loss", "val_loss": "validation loss"}
     for k in keys:
         ax.plot(epochs, column(k), marker="o", ms=4, label=labels[k])
     ref = baseline_key(history, "val_loss")
     if ref:
-        ax.plot(epochs, column(ref), "--", color="grey", label="validation loss of the baseline")
+        ax.plot(epochs, column(ref), "--", marker=dash, ms=20, color="grey", label="validation loss of the baseline")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("loss per epoch")
@@ -142,7 +143,7 @@ def loss_figure(history: list[dict], monitor: str | None = None, mode: str = "mi
         metric_ax.plot(epochs, column(monitor), marker="o", ms=4, color="tab:green", label=monitor)
         ref = baseline_key(history, monitor)
         if ref:
-            metric_ax.plot(epochs, column(ref), "--", color="grey", label=f"{ref} (baseline)")
+            metric_ax.plot(epochs, column(ref), "--", marker=dash, ms=20, color="grey", label=f"{ref} (baseline)")
         metric_ax.set_xlabel("epoch")
         metric_ax.set_ylabel(f"{monitor} (dB)" if "psnr" in monitor else monitor)   # PSNR's unit; the others have none
         metric_ax.set_title(f"{monitor} per epoch ({'higher' if mode == 'max' else 'lower'} is better)")

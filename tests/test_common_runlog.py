@@ -60,3 +60,11 @@ def test_summary_compares_with_the_baseline_honestly():
     assert text.splitlines() == ["summary: t", "  val_score: 0.5 (baseline 0.6): -0.1, WORSE than the baseline",
                                  "  baseline:  the gray input", "  data:      DATA", "  outputs:   RUN/ (best.pt)",
                                  "  next:      python x.py"]
+
+
+def test_a_one_epoch_baseline_is_drawn_as_a_mark():
+    fig = loss_figure([{**HISTORY[0], "val_baseline_loss": 0.9}], "val_psnr", "max", HISTORY[0])
+    for ax in fig.axes:
+        base = [ln for ln in ax.get_lines() if "baseline" in ln.get_label()][0]
+        assert base.get_marker() == "_" and len(base.get_xdata()) == 1
+    plt.close(fig)
