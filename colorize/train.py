@@ -42,6 +42,7 @@ from common.cli import add_common_args, float_range, int_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
+from common.summary import Metric, format_summary
 from common.io import UserError, load_state_strict, load_untrusted, run_cli
 from common.trainer import Trainer
 
@@ -196,6 +197,31 @@ def gray_input_baseline(loader, info) -> dict:
     return gather_scores(rows, info)
 
 
+def summary(result: dict, baseline: dict, out_dir: Path, csv_path: Path, builtin: bool, monitor: str,
+            sample_every: int) -> str:
+    history = result["history"]
+    best = history[result["best_epoch"] - 1] if result["best_epoch"] else history[-1]
+    test_csv = csv_path.parent / "test.csv"
+    target = f"--input {test_csv}" if test_csv.is_file() else "--input TEST_DIR"
+    steps = [f"python colorize/infer.py --weights {out_dir / 'best.pt'} {target} --out {out_dir / 'predictions'} --zip"]
+    if builtin and (csv_path.parent / "test_gt").is_dir():
+        steps.append(f"python colorize/evaluate.py --pred {out_dir / 'predictions'} --gt {csv_path.parent / 'test_gt'} "
+                     f"--inputs {csv_path.parent / 'test_input'}")
+    chosen = "highest val_score" if monitor == "val_score" else "lowest val_loss"
+    return format_summary(
+        f"colorize, best.pt = epoch {best['epoch']} of {len(history)} ({chosen})",
+        [Metric("val_score", best["val_score"], baseline["score"], higher_is_better=True),
+         Metric("val_ssim", best["val_ssim"], baseline["ssim"], higher_is_better=True),
+         Metric("val_masked_ssim", best["val_masked_ssim"], baseline["masked_ssim"], higher_is_better=True),
+         Metric("val_hue_hist", best["val_hue_hist"], baseline["hue_hist"], higher_is_better=True)],
+        "returning the damaged gray input as it is (score = 0.2 SSIM + 0.4 SSIM of the damaged pixels + 0.4 hue "
+        "histogram correlation, the competition's)",
+        out_dir, ["best.pt", "last.pt", "log.csv", "loss_curve.png"] + (["samples/"] if sample_every else []),
+        f"built-in demo data in {csv_path.parent} (train.csv, test.csv, train_input/, train_gt/, test_input/, "
+        f"test_gt/)" if builtin else str(csv_path), steps,
+        notes=[f"val_score after epoch 1: {history[0]['val_score']:.4f}"] if len(history) > 1 else ())
+
+
 def main(argv=None):
     args = parse_args(argv)
     builtin = args.data is None
@@ -274,7 +300,8 @@ def main(argv=None):
         totals = all_gather_cat(torch.tensor([[loss_sum, l1_sum, n]], dtype=torch.float64), run.info).sum(0)
         return {"val_loss": float(totals[0] / totals[2]), "val_l1": float(totals[1] / totals[2]),
                 "val_score": s["score"], "val_ssim": s["ssim"], "val_masked_ssim": s["masked_ssim"],
-                "val_hue_hist": s["hue_hist"], "val_images": s["images"]}
+                "val_hue_hist": s["hue_hist"], "val_images": s["images"],
+                "val_score_input": baseline["score"]}   # the gray input's score: the loss curve's dashed line
 
     fixed = [val_set[i] for i in range(min(SAMPLE_ROWS, len(val_set)))]
     fixed_x, fixed_y = torch.stack([f[0] for f in fixed]), torch.stack([f[1] for f in fixed])
@@ -301,19 +328,8 @@ def main(argv=None):
                       clip_grad=args.clip_grad, channels_last=args.channels_last, save_every=args.save_every,
                       seed=args.seed, config=config, on_epoch=on_epoch, progress=not args.no_progress)
     result = trainer.fit(resume=args.resume)
-    if main_rank:
-        history = result["history"]
-        if history:
-            best = history[result["best_epoch"] - 1] if result["best_epoch"] else history[-1]
-            print(f"validation competition score: {history[0]['val_score']:.4f} after epoch 1, "
-                  f"{best['val_score']:.4f} at the best epoch {best['epoch']}; returning the gray input scores "
-                  f"{baseline['score']:.4f}")
-        test_csv = csv_path.parent / "test.csv"
-        target = f"--input {test_csv}" if test_csv.is_file() else "--input TEST_DIR"
-        print(f"outputs in {run.out_dir}: best.pt, last.pt, log.csv, loss_curve.png"
-              + (", samples/" if args.sample_every else ""))
-        print(f"predict: python colorize/infer.py --weights {run.out_dir / 'best.pt'} {target} "
-              f"--out {run.out_dir / 'predictions'} --zip")
+    if main_rank and result["history"]:
+        print(summary(result, baseline, run.out_dir, csv_path, builtin, monitor, args.sample_every))
     cleanup(run.info)
     return result
 

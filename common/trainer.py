@@ -117,7 +117,7 @@ class Trainer:
                  save_every: int = 0, seed: int = 0, config=None,
                  on_step: Callable | None = None, on_epoch: Callable | None = None,
                  extra_state: Callable[[], dict] | None = None, progress: bool = True,
-                 nonfinite: str = "stop", micro_batch: int | None = None):
+                 nonfinite: str = "stop", micro_batch: int | None = None, tensorboard: bool = True):
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError("scheduler_interval must be 'step' or 'epoch'")
         if mode not in ("min", "max"):
@@ -131,6 +131,7 @@ class Trainer:
         # for a model whose samples do not interact, no BatchNorm, and a loss that is a mean over
         # samples; on the CPU it keeps activations small: see common.device.in_chunks)
         self.micro_batch = micro_batch
+        self.tensorboard = tensorboard  # False: the task writes its own TensorBoard events (spectral's dashboard)
         self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
         self.out_dir, self.epochs, self.device = Path(out_dir), epochs, device
         self.info = info or DistInfo()
@@ -214,13 +215,14 @@ class Trainer:
             self.resume(resume)
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.log = RunLog(self.out_dir, self._history)
+            self.log = RunLog(self.out_dir, self._history, tensorboard=self.tensorboard, monitor=self.monitor,
+                              mode=self.mode)
         previous = self._catch_stop_signals()
         try:
             while not self._stop_early() and self.epoch < self.epochs:
                 row = self._run_epoch()
                 if self.info.is_main:
-                    self.log.log_epoch(row)
+                    self.log.log_epoch(row, best_epoch=self.best_epoch)
                     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()), flush=True)
                 if self._stop_early():

@@ -37,6 +37,7 @@ from common.cli import POSITIVE_INT, add_common_args, float_range, int_range, se
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
+from common.summary import Metric, format_summary
 from common.io import UserError, atomic_write_text, run_cli
 from common.metrics import psnr, ssim
 from common.schedulers import constant_then_linear_decay
@@ -205,11 +206,29 @@ def main(argv=None):
 
     baseline = {}
 
+    def val_loss(out_1x, out_2x, target_1x, target_2x) -> float:
+        """The training loss on a validation batch, from this process's batch alone: the learned
+        weighting's mean over processes is a collective, and processes may hold unequal batch counts."""
+        losses = {(head, term): value
+                  for head, pred, target in (("1x", out_1x, target_1x), ("2x", out_2x, target_2x))
+                  for term, value in criterion.term_losses(pred, target).items()}
+        weighting = criterion.weighting
+        shared = getattr(weighting, "mean_over_processes", None)
+        weighting.mean_over_processes = None
+        try:
+            return float(weighting(losses))
+        finally:
+            if shared is not None:
+                weighting.mean_over_processes = shared
+
     def evaluate(m):
         psnrs, ssims, psnrs_2x, inputs = [], [], [], []
+        loss_sum = torch.zeros(1, 2, dtype=torch.float64)   # (sum of batch loss x batch size, images)
         for x, target_1x, target_2x in val_loader:
             x, target_1x, target_2x = (t.to(run.device, non_blocking=True) for t in (x, target_1x, target_2x))
             out_1x, out_2x = m(x)
+            loss_sum += torch.tensor([[val_loss(out_1x, out_2x, target_1x, target_2x) * len(x), len(x)]],
+                                     dtype=torch.float64)
             p, s = metrics(out_1x, target_1x)
             psnrs.append(p.cpu())
             ssims.append(s.cpu())
@@ -219,7 +238,9 @@ def main(argv=None):
         if not baseline:  # the "return the input" restoration, once
             both = all_gather_cat(inputs, run.info)
             baseline.update(val_psnr_input=float(both[:, 0].mean()), val_ssim_input=float(both[:, 1].mean()))
-        return {"val_psnr": float(all_gather_cat(psnrs, run.info).mean()),
+        totals = all_gather_cat(loss_sum, run.info).sum(0)
+        return {"val_loss": float(totals[0] / totals[1]),
+                "val_psnr": float(all_gather_cat(psnrs, run.info).mean()),
                 "val_ssim": float(all_gather_cat(ssims, run.info).mean()),
                 "val_psnr_2x": float(all_gather_cat(psnrs_2x, run.info).mean()), **baseline}
 
@@ -248,16 +269,29 @@ def main(argv=None):
                       progress=not args.no_progress, nonfinite="skip")
     result = trainer.fit(resume=args.resume)
     if main_rank and result["best_epoch"]:
-        best = result["history"][result["best_epoch"] - 1]
-        skipped = sum(int(r.get("skipped_steps", 0)) for r in result["history"])
-        gain = best["val_psnr"] - best["val_psnr_input"]
-        print(f"best epoch {result['best_epoch']}: val PSNR {best['val_psnr']:.2f} dB, SSIM {best['val_ssim']:.4f}; "
-              f"the input itself scores {best['val_psnr_input']:.2f} dB, {best['val_ssim_input']:.4f} "
-              f"({'+' if gain >= 0 else ''}{gain:.2f} dB)"
-              + (f"; {skipped} update(s) skipped for non-finite losses" if skipped else ""))
-        print(f"restore images: python phaseformer/infer.py --weights {run.out_dir / 'best.pt'} IMAGES... --out DIR")
+        print(summary(result, run.out_dir, Path(data_dir), args.data is None, args.sample_every))
     cleanup(run.info)
     return result
+
+
+def summary(result: dict, out_dir: Path, data_dir: Path, builtin: bool, sample_every: int) -> str:
+    history = result["history"]
+    best = history[result["best_epoch"] - 1]
+    skipped = sum(int(r.get("skipped_steps", 0)) for r in history)
+    val_inputs = f"{data_dir / 'input'}/" if builtin else "IMAGES..."
+    notes = [f"val_psnr_2x {best['val_psnr_2x']:.2f} dB (the 2x head)"]
+    if skipped:
+        notes.append(f"{skipped} update(s) skipped for non-finite losses")
+    return format_summary(
+        f"phaseformer, best.pt = epoch {best['epoch']} of {len(history)} (highest val_psnr)",
+        [Metric("val_psnr", best["val_psnr"], best["val_psnr_input"], higher_is_better=True, unit=" dB"),
+         Metric("val_ssim", best["val_ssim"], best["val_ssim_input"], higher_is_better=True)],
+        "the degraded input itself, returned unrestored", out_dir,
+        ["best.pt", "last.pt", "log.csv", "loss_curve.png", "split.txt"] + (["samples/"] if sample_every else []),
+        f"built-in demo data in {data_dir} (input/ degraded, GT/ clean; the validation images are listed in "
+        f"{out_dir / 'split.txt'})" if builtin else str(data_dir),
+        [f"python phaseformer/infer.py --weights {out_dir / 'best.pt'} {val_inputs} --out {out_dir / 'restored'}"],
+        notes)
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_wr
                        load_untrusted, one_line, run_cli)
 from common.onnx import OrtModel, add_engine_args, check_task, resolve_engine, session
 from spectral.config import check_config, load_config
+from spectral.dashboard import plot_spectra
 from spectral.data import N_POINTS, STRUCT_SHAPE, sample_indices, to_cells, wavelengths_nm
 from spectral.deploy import TASK, SpectraGraph
 from spectral.losses import CELL_NAMES, build_loss, check_loss_params, finish_metrics, spectral_metrics
@@ -59,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--structs", type=Path, required=True, help=".npy of structures, or a folder of PNGs")
     p.add_argument("--out", type=Path, help="predictions .npy (default runs/spectral/predictions-<time>.npy)")
     p.add_argument("--csv", type=Path, help="also write the predictions as CSV (one row per structure and cell)")
-    p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG of each structure's spectra")
-    p.add_argument("--plot-max", type=int_range(1, 100000), default=16, help="at most this many plots (default 16)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG of each structure's spectra (the first "
+                                                            "--plot-max structures), with the ground truth when known")
+    p.add_argument("--plot-max", type=int_range(1, 100000), default=16,
+                   help="plot at most this many structures (default 16; the run says when it stops before the last)")
     p.add_argument("--evaluate", type=Path, metavar="SPECTRA", help="ground-truth spectra: write metrics JSON")
     p.add_argument("--metrics", type=Path, help="metrics JSON path (default: OUT with .metrics.json)")
     p.add_argument("--batch-size", type=int_range(1, 65536), default=256)
@@ -271,28 +274,47 @@ def write_csv(path: Path, names: list[str], pred: np.ndarray) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def write_plots(folder: Path, names: list[str], structs, pred: np.ndarray, limit: int) -> int:
+def spectra_plot(structure: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, title: str):
+    """Figure (1000 x 420 px): the structure, and its R, G, B spectra against wavelength (nm), the
+    prediction solid and, when known, the ground truth dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with plt.rc_context({"font.size": 12}):
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100, gridspec_kw={"width_ratios": [1, 2.2]})
+        ax[0].imshow(structure, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        ax[0].set_title("structure (128 x 128)")
+        ax[0].axis("off")
+        plot_spectra(ax[1], wavelengths_nm(pred.shape[-1]), pred, truth)
+        ax[1].set_title(title + ("" if truth is not None else " (no ground truth given)"))
+        fig.tight_layout()
+    return fig
+
+
+def write_plots(folder: Path, names: list[str], structs, pred: np.ndarray, limit: int,
+                truth: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """spectra_00000.png, ... for the first `limit` structures; `truth` = (targets, their structure indices)."""
+    import matplotlib.pyplot as plt
+
     folder.mkdir(parents=True, exist_ok=True)
-    waves = wavelengths_nm(pred.shape[-1])
+    rows = {int(i): k for k, i in enumerate(truth[1])} if truth is not None else {}
     n = min(limit, len(names))
     for i in range(n):
-        fig, ax = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90, gridspec_kw={"width_ratios": [1, 1.8]})
-        ax[0].imshow(structs.batch(i, i + 1)[0, 0], cmap="gray", interpolation="nearest")
-        ax[0].axis("off")
-        for label, (r, c), colour in (("R", (0, 0), "#d62728"), ("G", (0, 1), "#2ca02c"), ("B", (1, 1), "#1f77b4")):
-            ax[1].plot(waves, pred[i, r, c], color=colour, label=label)
-        ax[1].set_xlabel("wavelength (nm)")
-        ax[1].legend()
-        ax[1].set_title(f"structure {names[i]}")
-        fig.tight_layout()
+        target = truth[0][rows[i]] if i in rows else None
+        fig = spectra_plot(structs.batch(i, i + 1)[0, 0], pred[i], target, f"structure {names[i]}")
         with atomic_open(folder / f"spectra_{i:05d}.png", "wb") as f:
             fig.savefig(f, format="png")
         plt.close(fig)
     return n
+
+
+def sibling_truth(structs: Path) -> Path | None:
+    """CR_recon's layout (and the built-in data): binary_dataset_128_K.npy next to spectra_latest_K.npy."""
+    if structs.suffix != ".npy" or not structs.name.startswith("binary_dataset_128_"):
+        return None
+    found = structs.with_name(structs.name.replace("binary_dataset_128_", "spectra_latest_"))
+    return found if found.is_file() else None
 
 
 def main(argv=None):
@@ -344,8 +366,14 @@ def main(argv=None):
         write_csv(args.csv, structs.names, pred)
         print(f"CSV written to {args.csv}")
     if args.plot:
-        n = write_plots(args.plot, structs.names, structs, pred, args.plot_max)
-        print(f"{n} plot(s) written to {args.plot}")
+        shown, source = truth, args.evaluate
+        if shown is None and (source := sibling_truth(args.structs)) is not None:
+            shown = ground_truth(source, len(structs), out_len)
+        n = write_plots(args.plot, structs.names, structs, pred, args.plot_max, shown)
+        more = (f" (the first {n} of {len(pred)}: --plot-max {len(pred)} for all)" if n < len(pred) else "")
+        print(f"{n} plot(s) written to {args.plot}{more}, "
+              + (f"ground truth (dashed) from {source}" if shown is not None else
+                 "predictions only (--evaluate SPECTRA adds the ground truth)"))
     if truth is not None:
         tgt, keep = truth
         p, t = torch.from_numpy(pred[keep]), torch.from_numpy(np.ascontiguousarray(tgt))

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.io import UserError, atomic_write_text, run_cli
 from common.schedulers import warmup_cosine
+from common.summary import Metric, format_summary
 from common.trainer import Trainer, run_finished
 from spectral.config import DEFAULT_CONFIG, check_config, load_config, resolve_data_files, to_yaml
 from spectral.dashboard import DEFAULT_HOST, DEFAULT_PORT, Dashboard, LiveLog, check_port
@@ -229,6 +232,50 @@ class EpochTextLog:
         atomic_write_text(self.path, "\n".join(self.lines) + "\n")
 
 
+def summary(result: dict, out_dir: Path, baseline: float, baseline_mse: float, builtin: bool, struct_files,
+            dashboard) -> str:
+    best = result["history"][result["best_epoch"] - 1]
+    data = (f"built-in demo data in {struct_files[0].parent} (binary_dataset_128_*.npy structures, "
+            f"spectra_latest_*.npy spectra)" if builtin else f"{struct_files[0].parent}")
+    files = ["best.pt", "last.pt", "log.csv", "loss_curve.png", "samples/ (a validation structure per epoch)",
+             "train_log.txt", "split.json", "config.yaml", "tensorboard/"]
+    structs = struct_files[0]
+    truth = structs.parent / structs.name.replace("binary_dataset_128_", "spectra_latest_")
+    evaluate = f" --evaluate {truth}" if truth != structs and truth.is_file() else ""
+    steps = [f"python spectral/infer.py --weights {out_dir / 'best.pt'} --structs {structs} --out predictions.npy"
+             f"{evaluate} --plot plots/" + (" (all rows of the part: training and validation)" if evaluate else ""),
+             f"tensorboard --logdir {out_dir / 'tensorboard'}" + (" (the same charts as the dashboard)" if dashboard else "")]
+    return format_summary(
+        f"spectral, best.pt = epoch {best['epoch']} of {len(result['history'])} (lowest val_loss)",
+        [Metric("val_loss", best["val_loss"], baseline, higher_is_better=False, relative=True),
+         Metric("val_mse", best["val_mse"], baseline_mse, higher_is_better=False, relative=True)],
+        "predicting the mean training spectrum for every structure",
+        out_dir, files, data, steps,
+        notes=[f"val_pearson_r {best['val_pearson_r']:.4f}, val_rmse R/G/B {best['val_rmse_R']:.3g}/"
+               f"{best['val_rmse_G']:.3g}/{best['val_rmse_B']:.3g}"])
+
+
+def keep_serving(dashboard, seconds: float) -> None:
+    """Serve `seconds` more; Ctrl-C or SIGTERM ends it early (the summary is already printed)."""
+    print(f"dashboard stays up for {seconds:g} s at {dashboard.url} (Ctrl-C to stop)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    # short sleeps: Ctrl-C may be delivered to one of TensorBoard's threads, and Python then runs
+    # its handler only when the main thread wakes up (one long sleep would ignore it to the end)
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+    except KeyboardInterrupt:
+        print("dashboard stopped", flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, ckpt, source = resolve_config(args)
@@ -242,11 +289,13 @@ def main(argv=None):
         resolved.out = Path(cfg["output"]["dir"]) / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     if args.no_dashboard and args.dashboard is not None:
-        raise UserError("--no-dashboard and --dashboard contradict each other; give one")
+        given = "--dashboard" + ("" if args.dashboard == -1 else f" {args.dashboard}")
+        raise UserError(f"{given} and --no-dashboard contradict each other: --dashboard serves one (0 = on any "
+                        f"free port), --no-dashboard turns off the config's dashboard.enabled; give one of them")
     port = args.dashboard if args.dashboard not in (None, -1) else cfg["dashboard"]["port"]
     want_dashboard = not args.no_dashboard and (args.dashboard is not None or cfg["dashboard"]["enabled"])
     if want_dashboard:
-        check_port(args.dashboard_host, port)
+        check_port(args.dashboard_host, port)   # every port, 0 too: a bad host is one line, before any file
 
     # everything that reads user files comes before the run folder is made
     raw = RawData(struct_files, spectra_files, cfg["data"]["out_len"])
@@ -261,7 +310,7 @@ def main(argv=None):
     split = load_split(split_from, raw) if split_from is not None else \
         make_split(raw, cfg["data"]["train_ratio"], cfg["seed"])
 
-    run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"]),
+    run = setup_run(resolved, TASK, model_name, outputs=("split.json", "config.yaml", cfg["output"]["log_file"], "samples"),
                     reuse_memory=True)      # 1.1x the step for ~4 % more peak memory (common.device)
     main_rank = run.info.is_main
     channels_last = run.device.type == "cpu" if args.channels_last is None else args.channels_last
@@ -329,9 +378,10 @@ def main(argv=None):
         criterion.to(run.device)
         if main_rank:
             out["val_baseline_loss"], out["val_baseline_mse"] = baseline, baseline_mse
-            live.epoch(trainer.epoch + 1, ((sample_x + 1) / 2 if cfg["data"]["map_to_pm1"] else sample_x).numpy(),
-                       sample_y.numpy(), pred[0].numpy(),
-                       f"epoch {trainer.epoch + 1}: validation structure 0 (row {int(raw.global_row[split.val[0]])})")
+            structure = ((sample_x + 1) / 2 if cfg["data"]["map_to_pm1"] else sample_x).numpy()
+            live.epoch(trainer.epoch + 1, trainer.step, structure, sample_y.numpy(), pred[0].numpy(),
+                       f"epoch {trainer.epoch + 1}: validation structure 0 (row {int(raw.global_row[split.val[0]])})",
+                       run.out_dir / "samples")
         return out
 
     def on_step(t, logs):
@@ -340,6 +390,8 @@ def main(argv=None):
             live.step(t.step, t.epoch + done / steps_per_epoch, done, steps_per_epoch, logs["loss"], t.lr())
 
     def on_epoch(t, row):
+        if live is not None:
+            live.epoch_scalars(row, t.step)
         if text_log is not None:
             best = min([r.get("val_loss", float("inf")) for r in t.log.history] + [row["val_loss"]])
             text_log.add(f"[EPOCH] {row['epoch']}/{t.epochs} train_loss={row['train_loss']:.6e} "
@@ -359,7 +411,7 @@ def main(argv=None):
                       clip_grad=tr["grad_clip"] or None, channels_last=channels_last,
                       save_every=tr["save_every"], seed=cfg["seed"], config=config, on_step=on_step,
                       on_epoch=on_epoch, extra_state=extra_state, progress=not args.no_progress,
-                      micro_batch=micro_batch)
+                      micro_batch=micro_batch, tensorboard=False)   # LiveLog writes the run's one event stream
     if ckpt is not None and run_finished(ckpt, tr["epochs"], None):
         if main_rank:
             print(f"{args.resume}: the run already did all {tr['epochs']} epochs; nothing to do")
@@ -369,8 +421,8 @@ def main(argv=None):
     dashboard = None
     if main_rank and want_dashboard:
         dashboard = Dashboard(run.out_dir / "tensorboard", port, args.dashboard_host)
-        print(f"dashboard: {dashboard.start()} (TensorBoard; loss curves under Scalars, the validation sample "
-              f"under Images)", flush=True)
+        print(f"dashboard: {dashboard.start()} (TensorBoard: the loss charts first, then the validation metrics, "
+              f"the figure of one validation structure under sample/, lr and progress under train/)", flush=True)
         if args.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: the dashboard listens on {args.dashboard_host}: other machines can reach it")
     if main_rank:
@@ -383,32 +435,15 @@ def main(argv=None):
         print(f"baseline: predicting the mean training spectrum gives val_loss {baseline:.4g} (val_mse {baseline_mse:.4g})")
     try:
         result = trainer.fit(resume=args.resume)
+        if main_rank and result["best_epoch"]:
+            print(summary(result, run.out_dir, baseline, baseline_mse, builtin, struct_files, dashboard), flush=True)
         if dashboard is not None and args.dashboard_keep > 0:
-            print(f"dashboard stays up for {args.dashboard_keep:g} s at {dashboard.url} (Ctrl-C to stop)", flush=True)
-            # short sleeps: Ctrl-C may be delivered to one of TensorBoard's threads, and Python then runs
-            # its handler only when the main thread wakes up (one long sleep would ignore it to the end)
-            deadline = time.monotonic() + args.dashboard_keep
-            try:
-                while (left := deadline - time.monotonic()) > 0:
-                    time.sleep(min(left, 0.2))
-            except KeyboardInterrupt:
-                pass
+            keep_serving(dashboard, args.dashboard_keep)
     finally:
         if dashboard is not None:
             dashboard.stop()
         if live is not None:
             live.close()
-    if main_rank and result["best_epoch"]:
-        best = result["history"][result["best_epoch"] - 1]
-
-        def vs(value, ref):
-            return f"{abs(100.0 * (1.0 - value / ref)):.0f}% {'lower' if value <= ref else 'higher'}" if ref > 0 else "n/a"
-        print(f"best epoch {result['best_epoch']}: val_loss {best['val_loss']:.4g} vs {baseline:.4g} for predicting the "
-              f"training mean ({vs(best['val_loss'], baseline)}); val_mse {best['val_mse']:.3g} vs {baseline_mse:.3g} "
-              f"({vs(best['val_mse'], baseline_mse)}); pearson r {best['val_pearson_r']:.3f}; rmse R/G/B "
-              f"{best['val_rmse_R']:.3g}/{best['val_rmse_G']:.3g}/{best['val_rmse_B']:.3g}")
-        print(f"predict: python spectral/infer.py --weights {run.out_dir / 'best.pt'} --structs STRUCTS.npy "
-              f"--out predictions.npy")
     cleanup(run.info)
     return result
 

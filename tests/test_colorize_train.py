@@ -8,6 +8,7 @@ import csv
 import functools
 import os
 import shlex
+import re
 import shutil
 import signal
 import subprocess
@@ -80,7 +81,11 @@ def test_short_run_writes_scores_samples_and_checkpoints(small_run):
     assert (cfg["model"], cfg["net_width"], cfg["net_img_size"], cfg["task"]) == ("improved_unet", 16, 32, "colorize")
     assert cfg["width"] is None and cfg["img_size"] == 32 and cfg["epochs"] == 2   # flags as given; settings apart
     from PIL import Image
-    assert Image.open(out / "samples" / "epoch_0002.png").size[0] > 3 * 32   # input | restored | ground truth
+    # input | restored | ground truth of 32 px images, enlarged to a grid a screen shows readably
+    assert Image.open(out / "samples" / "epoch_0002.png").size[0] >= 768
+    assert "summary: colorize, best.pt = epoch" in stdout and re.search(r"baseline: +returning the damaged gray", stdout)
+    assert re.search(rf"val_score: +{float(best['val_score']):.4g} \(baseline {float(log[0]['val_score_input']):.4g}\)",
+                     stdout)
 
 
 def test_onecycle_is_stepped_every_batch(small_run):

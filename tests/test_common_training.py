@@ -122,8 +122,10 @@ def test_outputs_checkpoint_contents_and_periodic_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    for key in ("train_loss", "val_loss", "val_acc", "lr"):
-        logged = [(e.step, e.value) for e in events.Scalars(key)]
+    # tags grouped so that TensorBoard shows the losses first (common.runlog.tb_tag)
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("val_acc", "metrics/val_acc"),
+                     ("lr", "train/lr")):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
         assert logged == [(int(r["epoch"]), pytest.approx(float(r[key]), rel=1e-5)) for r in rows], key
 
 

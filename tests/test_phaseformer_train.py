@@ -87,7 +87,9 @@ def test_short_run_writes_everything_and_trains_the_loss_weights(straight):
     model.load_state_dict(ckpt["model"], strict=True)                            # a plain Phaseformer
     assert ckpt["config"]["run_loss_terms"] == ["charbonnier", "laplacian", "msssim"]  # no VGG weights
     printed = (out.parent / "stdout.txt").read_text()
-    assert "training without the perceptual term" in printed and "the input itself scores" in printed
+    assert "training without the perceptual term" in printed and "summary: phaseformer" in printed
+    assert " dB (baseline " in printed and "the degraded input itself" in printed
+    assert float(rows[1]["val_loss"]) > 0                                          # the loss curve's validation line
     assert ckpt["extra"]["phaseformer"]["loss_weighting"]["log_vars"].shape == (6,)
     groups = ckpt["optimizer"]["param_groups"]                                   # ups2 / attention.3: kept,
     assert len(groups[0]["params"]) == len(list(model.parameters())) - 2        # not trained (DDP-safe)
@@ -193,4 +195,4 @@ def test_default_demo_learns(tmp_path, run_script):
     res = run_script("phaseformer/train.py", "--out", tmp_path / "demo", "--no-progress", check=True)
     rows = _log(tmp_path / "demo")
     assert float(rows[-1]["val_psnr"]) > float(rows[-1]["val_psnr_input"])
-    assert "built-in demo" in res.stdout and "the input itself scores" in res.stdout
+    assert "built-in demo" in res.stdout and "the degraded input itself" in res.stdout

@@ -100,13 +100,16 @@ def port_open(url: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
+RUN = "run"   # TensorBoard's name for the run: the run folder's name (Training's --out)
+
+
 def test_http_api_while_training_and_scalars_equal_log_csv(training):
     assert training.url.startswith("http://127.0.0.1:")      # this machine only, by default
     seen_live = False
     while not training.finished():
         tags = get(f"{training.url}/data/plugin/scalars/tags")
-        if "progress/epoch" in tags.get("live", {}):
-            points = get(f"{training.url}/data/plugin/scalars/scalars?run=live&tag=progress/epoch")
+        if "train/progress_epoch" in tags.get(RUN, {}):
+            points = get(f"{training.url}/data/plugin/scalars/scalars?run={RUN}&tag=train/progress_epoch")
             if points and not training.finished():
                 seen_live = True
                 assert 0 < points[-1][2] <= 2                      # epochs done, as a fraction
@@ -119,16 +122,27 @@ def test_http_api_while_training_and_scalars_equal_log_csv(training):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     tags = get(f"{training.url}/data/plugin/scalars/tags")
-    for key in ("train_loss", "val_loss", "val_mse", "val_pearson_r", "val_rmse_R", "val_rmse_B", "lr"):
-        assert key in tags["."], key
-        served = get(f"{training.url}/data/plugin/scalars/scalars?run=.&tag={key}")
-        assert [p[1] for p in served] == [1, 2]
+    assert list(tags) == [RUN]                                     # one run, named after the run folder
+    epochs = get(f"{training.url}/data/plugin/scalars/scalars?run={RUN}&tag=train/epoch")
+    assert [p[2] for p in epochs] == [1, 2]
+    end_steps = [p[1] for p in epochs]                             # the optimizer step that ended each epoch
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("val_baseline_loss", "loss/val_baseline"),
+                     ("val_mse", "metrics/val_mse"), ("val_pearson_r", "metrics/val_pearson_r"),
+                     ("val_rmse_R", "metrics/val_rmse_R"), ("val_rmse_B", "metrics/val_rmse_B")):
+        assert tag in tags[RUN], tag
+        served = get(f"{training.url}/data/plugin/scalars/scalars?run={RUN}&tag={tag}")
+        assert [p[1] for p in served] == end_steps
         assert np.allclose([p[2] for p in served], [float(r[key]) for r in rows], rtol=2e-5, atol=0), key
-    for key in ("step/loss", "step/lr", "progress/batch_of_epoch"):
-        assert key in tags["live"]
-    images = get(f"{training.url}/data/plugin/images/images?run=live&tag=validation_sample")
-    assert [i["step"] for i in images] == [1, 2]
-    assert "configuration/text_summary" in get(f"{training.url}/data/plugin/text/tags")["live"]
+    for tag in ("loss/train_step", "train/lr", "train/progress_batch_of_epoch"):
+        assert tag in tags[RUN]
+    # TensorBoard sorts its chart groups by name: the page opens on the losses
+    groups = sorted({t.split("/")[0] for t in tags[RUN]})
+    assert groups[0] == "loss" and groups.index("metrics") < groups.index("train")
+    for tag in (dash.SPECTRA_TAG, dash.SAMPLE_TAG):
+        images = get(f"{training.url}/data/plugin/images/images?run={RUN}&tag={tag}")
+        assert [i["step"] for i in images] == end_steps
+    assert sorted(p.name for p in (training.run / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert "configuration/text_summary" in get(f"{training.url}/data/plugin/text/tags")[RUN]
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium; .ci/run "
@@ -140,12 +154,16 @@ def test_page_renders_loss_chart_and_spectrum_figure_in_a_browser(training):
     except (OSError, RuntimeError, TimeoutError) as e:
         pytest.skip(f"{find_chromium()} is installed but does not start here ({e})")
     try:
-        browser.goto(f"{training.url}/?tagFilter=val_loss%7Cvalidation_sample#timeseries")
+        browser.goto(f"{training.url}/")                    # as a user opens it: the first chart is a loss
+        browser.wait_for("document.querySelectorAll('scalar-card').length")
+        first = browser.evaluate("document.querySelector('scalar-card').innerText.replace(/\\s/g, '')")
+        assert first.startswith("loss/"), first
+        browser.goto(f"{training.url}/?tagFilter=loss/val%24%7Csample/spectra#timeseries")
         browser.wait_for("document.querySelectorAll('scalar-card line-chart canvas').length")
         assert browser.wait_for("(() => { const i = document.querySelector('image-card img');"
                                 " return i && i.complete && i.naturalWidth; })()") > 400
-        title = browser.evaluate("document.querySelector('scalar-card').innerText")
-        assert "val_loss" in title
+        title = browser.evaluate("document.querySelector('scalar-card').innerText.replace(/\\s/g, '')")
+        assert title.startswith("loss/val"), title
         chart = json.loads(browser.evaluate(
             "JSON.stringify(document.querySelector('scalar-card line-chart').getBoundingClientRect())"))
         img = json.loads(browser.evaluate(
@@ -158,11 +176,12 @@ def test_page_renders_loss_chart_and_spectrum_figure_in_a_browser(training):
         while True:   # the chart draws in a worker: wait until its line shows
             shot = browser.screenshot()
             c = crop(shot, chart)
-            saturated = (c.max(-1) - c.min(-1)) > 80               # the run's colour; grid and text are grey
+            saturated = (c.max(-1) - c.min(-1)) > 25               # the run's colour (slate blue); grid, text grey
             if saturated.sum() > 40 or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        assert saturated.sum() > 40, "no loss curve drawn in the val_loss chart"
+        assert saturated.sum() > 40, "no loss curve drawn in the loss/val chart"
+        assert img["width"] >= 350, img        # the spectra card fills TensorBoard's image card (its type: 14-18 pt)
         f = crop(shot, img)
         r, g, b = f[..., 0], f[..., 1], f[..., 2]
         assert ((r > 150) & (g < 110) & (b < 110)).sum() > 10      # the R spectrum's red line
@@ -175,13 +194,16 @@ def test_page_renders_loss_chart_and_spectrum_figure_in_a_browser(training):
 def test_server_stops_when_training_ends(training):
     training.wait_for("dashboard stays up")
     assert port_open(training.url)
-    training.proc.send_signal(signal.SIGINT)                      # ends the keep-alive period
+    training.proc.send_signal(signal.SIGTERM)                     # ends the keep-alive period, like Ctrl-C
     try:
         code = training.proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         raise AssertionError("train.py did not stop after SIGINT:\n" + "\n".join(training.lines[-15:])) from None
     assert code == 0, "\n".join(training.lines[-15:])
     assert not port_open(training.url)
+    assert "dashboard stopped" in training.lines
+    summary = next(i for i, ln in enumerate(training.lines) if ln.startswith("summary: spectral"))
+    assert "val_loss:" in training.lines[summary + 1] and "baseline" in training.lines[summary + 1]
 
 
 def test_server_stops_when_training_fails(tmp_path):
@@ -243,3 +265,32 @@ def test_figure_uses_the_wavelengths_of_the_sampled_points(monkeypatch):
     assert png[:4] == b"\x89PNG" and xs
     for x in xs:
         assert np.array_equal(x, 400 + np.linspace(0, 300, 30, dtype=int))
+
+
+def bad_dashboard_run(tmp_path, capsys, *flags) -> str:
+    """train.py with `flags`: the one error line; nothing may have been written."""
+    from common.io import run_cli
+
+    write_raw(tmp_path / "raw", rows=(6,), invalid_every=100)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: train_main([str(a) for a in ("--config", tmp_path / "tiny.yaml", "--data", tmp_path / "raw",
+                                                     "--out", tmp_path / "run", *flags)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert not (tmp_path / "run").exists()
+    return err[0]
+
+
+@pytest.mark.parametrize("port", [0, 8765])
+def test_a_host_that_cannot_be_bound_is_one_line_naming_the_flag_for_every_port(tmp_path, capsys, port):
+    """Port 0 (any free port) skipped the check: TensorBoard's own text and a partial run folder."""
+    err = bad_dashboard_run(tmp_path, capsys, "--dashboard", port, "--dashboard-host", "192.0.2.1")  # TEST-NET-1
+    assert err.startswith("error: --dashboard-host 192.0.2.1: cannot serve on this address") and "127.0.0.1" in err
+
+
+def test_no_dashboard_with_dashboard_is_refused(tmp_path, capsys):
+    err = bad_dashboard_run(tmp_path, capsys, "--dashboard", 0, "--no-dashboard")
+    assert "--dashboard 0 and --no-dashboard contradict each other" in err

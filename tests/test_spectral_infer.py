@@ -283,3 +283,34 @@ def test_bad_input_is_one_line_and_overwrites_nothing(originals, structs, tmp_pa
     err = cli_error(capsys, "--config", gcfg, "--weights", tmp_path / "junk.pt", "--structs", s_path, "--out", new)
     assert "junk.pt: not a PyTorch checkpoint" in err
     assert not new.exists()
+
+
+def test_plots_have_labels_units_and_the_ground_truth_when_known(originals, tmp_path, monkeypatch):
+    """--plot figures: axis labels with units, the truth dashed where --evaluate or CR_recon's sibling
+    spectra file gives it, and a line saying when --plot-max stops before the last structure."""
+    import spectral.infer as infer
+
+    figures = []
+    real = infer.spectra_plot
+    monkeypatch.setattr(infer, "spectra_plot", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    cfg, weights, _ = originals["gru_small"]
+    s = random_structures(3, np.random.default_rng(2))
+    spectra = physical_spectra(s)
+    spectra[1] = 0                                          # never simulated: no truth for structure 1
+    np.save(tmp_path / "binary_dataset_128_0.npy", s)       # CR_recon's layout: the truth sits next to it
+    np.save(tmp_path / "spectra_latest_0.npy", spectra)
+    _, text = call("--config", cfg, "--weights", weights, "--structs", tmp_path / "binary_dataset_128_0.npy",
+                   "--out", tmp_path / "P.npy", "--plot", tmp_path / "plots", "--plot-max", 2)
+    assert "2 plot(s) written to" in text and "the first 2 of 3: --plot-max 3 for all" in text
+    assert f"ground truth (dashed) from {tmp_path / 'spectra_latest_0.npy'}" in text
+    assert len(figures) == 2
+    for fig, with_truth in zip(figures, (True, False)):
+        ax = fig.axes[1]
+        assert ax.get_xlabel() == "wavelength (nm)" and "response" in ax.get_ylabel()
+        styles = [ln.get_linestyle() for ln in ax.get_lines()]
+        assert styles.count("-") == 3 and styles.count("--") == (3 if with_truth else 0)
+        x = ax.get_lines()[0].get_xdata()
+        assert x[0] == 400 and x[-1] == 700
+    truth_r = [ln for ln in figures[0].axes[1].get_lines() if ln.get_label() == "R truth"][0].get_ydata()
+    assert np.allclose(truth_r, to_cells(-spectra[:1][:, :, sample_indices(12)])[0, 0, 0])
+    assert Image.open(tmp_path / "plots" / "spectra_00000.png").size == (1000, 420)

@@ -82,7 +82,7 @@ def test_outputs_and_validation_metrics_recomputed_with_the_original(trained, wo
     for name in ("best.pt", "last.pt", "epoch_0001.pt", "epoch_0002.pt", "split.json", "config.yaml",
                  "train_log.txt", "log.csv", "loss_curve.png"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard" / "live").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / run.name).glob("events.out.tfevents.*"))   # one run, named as the folder
     log = read_log(run)
     assert [r["epoch"] for r in log] == [1, 2]
     for key in ("val_loss", "val_mse", "val_pearson_r", "val_rmse_R", "val_rmse_G", "val_rmse_B",
@@ -110,7 +110,8 @@ def test_outputs_and_validation_metrics_recomputed_with_the_original(trained, wo
     mean = -original.to_bayer(t_train).mean(0)
     mean = 0.5 * (mean + original.rotate_bayer(mean[None])[0])          # the training set holds both
     assert math.isclose(best["val_baseline_mse"], float(((torch.from_numpy(mean) - tgt) ** 2).mean()), rel_tol=1e-4)
-    assert f"vs {best['val_baseline_loss']:.4g} for predicting the training mean" in out
+    assert f"  val_loss: {best['val_loss']:.4g} (baseline {best['val_baseline_loss']:.4g}): " in out
+    assert "  baseline: predicting the mean training spectrum for every structure" in out
     lines = (run / "train_log.txt").read_text().splitlines()
     assert len(lines) == 2 and re.fullmatch(
         r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[EPOCH\] 2/2 train_loss=\S+ val_loss=\S+ best_val=\S+ lr=\S+", lines[1])
@@ -187,7 +188,9 @@ def test_default_run_uses_the_builtin_data(tmp_path, monkeypatch):
     torch.set_num_threads(n)
     assert "using the built-in demo data" in out and "with the built-in demo recipe" in out
     assert "model: cnn_xattn, 8,881,980 parameters" in out
-    assert re.search(r"best epoch 1: val_loss \S+ vs \S+ for predicting the training mean", out)
+    assert "summary: spectral, best.pt = epoch 1 of 1 (lowest val_loss)" in out
+    assert re.search(r"  val_loss: \S+ \(baseline \S+\): [\d.]+% (lower|higher), (better|WORSE) than the baseline", out)
+    assert f"  data:     built-in demo data in {root} " in out                 # where the files are, named
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["training"]["lr"] == 3e-4 and cfg["data"]["batch_size"] == 8 and cfg["training"]["epochs"] == 1
 
