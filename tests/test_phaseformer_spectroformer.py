@@ -1,0 +1,101 @@
+"""Spectroformer (final_model_AGSSF1.mymodel): official names and size, parity with our float64
+transcription of the original's arithmetic (forward and gradients), the cheap forms of its
+constant/discarded work, size and head errors."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phaseformer.model import build_model, model_name
+from phaseformer.spectroformer import UNUSED_MODULES, Spectroformer, UpS
+
+sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
+import official_spectroformer as official  # noqa: E402  (our transcription of final_model_AGSSF1.py)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ref = official.trained_looking(official.mymodel(), seed=3).eval()
+    ours = Spectroformer().eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def test_official_names_order_and_parameter_count():
+    ours, ref = build_model("spectroformer"), official.mymodel()
+    assert model_name(ours) == "spectroformer" and model_name(build_model()) == "phaseformer"
+    assert sum(p.numel() for p in ours.parameters()) == 2_530_193
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
+           [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+    sd = ours.state_dict()
+    for key in ("ups_4.Fups.pha_fuse.2.bias", "ups1.body.0.weight", "ups2.body.0.weight", "output1.weight",
+                "attention.3.agssf.conv.weight", "encoders.3.3.attn.q1X1_2.weight", "ups_1.reduce.weight",
+                "down3.body.0.weight", "reduces1.weight", "reduces2.weight", "attention.0.con2X1.bias"):
+        assert key in sd
+    assert sd["ups_1.Fups.post.weight"].shape == (64, 128, 1, 1)
+    assert sd["attention.0.identity1.weight"].shape == (64, 64, 1, 1)     # ch = [64, 32, 16, 64]
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 24)])
+def test_fp32_outputs_match_the_transcription(pair, size):
+    ref, ours = pair
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    with torch.no_grad():
+        r, o = ref(x), ours(x)
+    assert o.shape == (2, 3, *size)
+    assert r.abs().max() > 0.1
+    assert (o - r).abs().max() < 1e-4
+
+
+def test_same_function_and_gradients_as_the_original_in_fp64(pair):
+    ref, ours = copy.deepcopy(pair[0]).double().train(), copy.deepcopy(pair[1]).double().train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    grads_x = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        (out * weight).mean().backward()
+        grads_x.append((out.detach(), xi.grad))
+    (r, gr), (o, go) = grads_x
+    assert (o - r).abs().max() < 1e-12
+    assert (go - gr).norm() <= 1e-10 * gr.norm()
+    named = dict(ours.named_parameters())
+    scale = max(p.grad.norm() for p in ref.parameters() if p.grad is not None)
+    no_grad = set()
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            assert named[name].grad is None, name
+            no_grad.add(name)
+            continue
+        # the phase bias of pha_fuse's last conv shifts every bin's phase equally: |IFFT| ignores it,
+        # so its true gradient is 0 and both sides hold round-off (hence the absolute term)
+        assert (named[name].grad - p.grad).norm() <= 1e-9 * p.grad.norm() + 1e-14 * scale, name
+    unused_ids = {id(p) for p in ours.unused_parameters()}
+    assert no_grad == {n for n, p in named.items() if id(p) in unused_ids}
+    assert any(n.startswith("ups1.") for n in no_grad) and any(n.endswith("q1X1_1.weight") for n in no_grad)
+    assert set(UNUSED_MODULES) == {"ups_4", "ups1", "ups2", "output1", "attention.3"}
+
+
+def test_ups_equals_tiled_spectrum_inverse_at_twice_the_size():
+    """The folded UpS (HxW inverse FFT on the even sub-pixels) against the original's 2Hx2W one."""
+    ref = official.trained_looking(official.UpS(8), seed=1).double()
+    ours = UpS(8).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = ours(x)
+    assert out.shape == (2, 4, 12, 10)
+    assert (out - ref(x)).abs().max() < 1e-12
+
+
+def test_size_and_head_errors():
+    model = build_model("spectroformer")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.rand(1, 3, 12, 16))
+    with pytest.raises(ValueError, match="one output"):
+        model(torch.rand(1, 3, 8, 8), head="2x")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("spectro")
