@@ -99,3 +99,57 @@ def test_size_and_head_errors():
         model(torch.rand(1, 3, 8, 8), head="2x")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("spectro")
+
+
+# ---------------------------------------------------------------- inference with Spectroformer weights
+def test_official_preset_is_spectroformers_test_script(monkeypatch, pair):
+    """Spectroformer's test.py: bicubic resize (512 there, 16 here), ToTensor, Normalize(0.5, 0.5),
+    the one output, save_img's (x+1)/2*255 clipped and truncated."""
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from phaseformer import infer
+    monkeypatch.setattr(infer, "OFFICIAL_SIZE", 16)
+    ref, ours = pair
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8))
+    x = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])(im.resize((16, 16), Image.BICUBIC))
+    with torch.no_grad():
+        out = ref(x[None])[0].numpy()
+    want = ((np.transpose(out, (1, 2, 0)) + 1) / 2.0 * 255.0).clip(0, 255).astype(np.uint8)
+    got = infer.official_postprocess(infer.run_model(ours, infer.official_preprocess(im), "1x", torch.device("cpu")))
+    assert got.shape == (16, 16, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_infer_detects_spectroformer_and_handles_real_photographs(tmp_path, pair, capsys):
+    """Weights detected from the file; EXIF rotation, grayscale, RGBA (alpha kept), 16-bit PNG and
+    names with spaces and parentheses; each output has the input's (displayed) size and stem."""
+    import numpy as np
+    from PIL import Image
+
+    from common.io import UserError
+    from phaseformer import infer
+    weights = tmp_path / "netG_model_epoch_3.pth"
+    torch.save({f"module.{k}": v for k, v in pair[0].state_dict().items()}, weights)
+    rng = np.random.default_rng(2)
+    src = tmp_path / "in dir"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # stored 40 wide x 24 high, shown rotated 90 degrees
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(src / "dive (1).jpg", exif=exif.tobytes())
+    Image.fromarray(rng.integers(0, 256, (20, 28), dtype=np.uint8)).save(src / "gray scan.png")
+    rgba = rng.integers(0, 256, (16, 24, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(src / "cut out.png")
+    Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(src / "deep16.png")
+    out = tmp_path / "out"
+    infer.main([str(src), "--weights", str(weights), "--out", str(out)])
+    assert "spectroformer" in capsys.readouterr().out
+    sizes = {p.name: (Image.open(p).size, Image.open(p).mode) for p in out.iterdir()}
+    assert sizes == {"dive (1).png": ((24, 40), "RGB"), "gray scan.png": ((28, 20), "RGB"),
+                     "cut out.png": ((24, 16), "RGBA"), "deep16.png": ((16, 16), "RGB")}
+    assert np.array_equal(np.asarray(Image.open(out / "cut out.png"))[..., 3], rgba[..., 3])
+    with pytest.raises(UserError, match="one output"):
+        infer.main([str(src), "--weights", str(weights), "--out", str(tmp_path / "o2"), "--head", "2x"])
+    with pytest.raises(UserError, match=r"not Phaseformer \(model_with_eca"):
+        infer.main([str(src), "--weights", str(weights), "--out", str(tmp_path / "o3"), "--model", "phaseformer"])
