@@ -153,3 +153,99 @@ def test_infer_detects_spectroformer_and_handles_real_photographs(tmp_path, pair
         infer.main([str(src), "--weights", str(weights), "--out", str(tmp_path / "o2"), "--head", "2x"])
     with pytest.raises(UserError, match=r"not Phaseformer \(model_with_eca"):
         infer.main([str(src), "--weights", str(weights), "--out", str(tmp_path / "o3"), "--model", "phaseformer"])
+
+
+# ---------------------------------------------------------------- training
+def _train(argv):
+    """train.main with the VGG weights unavailable (no download in tests): the perceptual term is left out."""
+    from common.vgg import WeightsUnavailable
+    from phaseformer import train
+
+    def unavailable(*a, **k):
+        raise WeightsUnavailable("VGG16 ImageNet weights unavailable (test)")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "PerceptualLoss", unavailable)
+        return train.main(argv)
+
+
+def _spectro_args(data):
+    return ["--model", "spectroformer", "--data", str(data), "--val-count", "2", "--image-size", "32",
+            "--sampling", "crop", "--batch-size", "2", "--workers", "0", "--no-progress", "--threads", "1",
+            "--niter", "0", "--niter-decay", "2"]
+
+
+def test_one_output_loss_is_spectroformers_fixed_sum():
+    from phaseformer.losses import PhaseformerLoss
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    crit = PhaseformerLoss("fixed", ("charbonnier", "laplacian", "msssim"), heads=("1x",))
+    total, logs = crit(pred, None, target, None)
+    assert set(logs) == {"1x_charbonnier", "1x_laplacian", "1x_msssim"}
+    want = 0.03 * crit.charbonnier(pred, target) + 0.02 * crit.laplacian(pred, target) + 0.01 * crit.msssim(pred, target)
+    assert torch.allclose(total, want)
+
+
+def test_training_spectroformer_one_epoch_then_infer(tmp_path):
+    """--model spectroformer: one output, the fixed 0.03/0.02/0.01 weights (perceptual left out
+    here), no 2x term; best.pt restores images with infer.py (model detected from it)."""
+    import csv
+
+    from phaseformer import infer
+    from phaseformer.data import make_builtin_dataset
+    data = tmp_path / "lsui"
+    make_builtin_dataset(data, n=4, size=32, seed=1)
+    _train([*_spectro_args(data), "--epochs", "1", "--out", str(tmp_path / "run")])
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and "val_psnr_2x" not in rows[0] and "train_2x_charbonnier" not in rows[0]
+    assert {k: float(v) for k, v in rows[0].items() if k.startswith("w_")} == \
+           {"w_1x_charbonnier": 0.03, "w_1x_laplacian": 0.02, "w_1x_msssim": 0.01}
+    assert (tmp_path / "run" / "samples" / "epoch_0001.png").is_file()
+    out = tmp_path / "restored"
+    infer.main([str(data / "input"), "--weights", str(tmp_path / "run" / "best.pt"), "--out", str(out)])
+    assert len(list(out.glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_training_spectroformer_resumes_exactly(tmp_path, monkeypatch):
+    """A run interrupted in epoch 2 resumes to the same weights as a straight run."""
+    import os
+    import signal
+
+    from phaseformer.data import make_builtin_dataset
+    from phaseformer.losses import PhaseformerLoss
+    data = tmp_path / "lsui"
+    make_builtin_dataset(data, n=6, size=40, seed=1)
+    common = [*_spectro_args(data), "--epochs", "2"]
+    _train([*common, "--out", str(tmp_path / "straight")])
+
+    real_forward = PhaseformerLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 3:                      # epoch 2, batch 1 of 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(PhaseformerLoss, "forward", forward)
+        with pytest.raises(KeyboardInterrupt):
+            _train([*common, "--out", str(tmp_path / "split")])
+    _train(["--resume", str(tmp_path / "split" / "last.pt")])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a) == set(build_model("spectroformer").state_dict())
+
+
+@pytest.mark.slow
+def test_spectroformer_demo_learns(tmp_path, run_script):
+    """`python phaseformer/train.py --model spectroformer`: the built-in demo beats the input's PSNR."""
+    import csv
+    run_script("phaseformer/train.py", "--model", "spectroformer", "--out", tmp_path / "demo", "--no-progress",
+               check=True)
+    with open(tmp_path / "demo" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["val_psnr"]) > float(rows[-1]["val_psnr_input"])
