@@ -126,7 +126,8 @@ def load_onnx(args) -> tuple[OrtRestorer, dict, int]:
             raise UserError(f"--tile {args.tile}: {args.onnx} takes {h}x{w} tiles only; leave --tile out, or export "
                             f"with --size {args.tile} {args.tile} or --dynamic-size")
         fixed, tile = (h, w), h
-    return OrtRestorer(graph, head, fixed, args.onnx), {"kind": f"ONNX Runtime, {args.onnx.name}"}, tile
+    return OrtRestorer(graph, head, fixed, args.onnx), \
+        {"kind": f"ONNX Runtime, {args.onnx.name}", "model": meta.get("model", "phaseformer")}, tile
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

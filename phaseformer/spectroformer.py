@@ -55,6 +55,19 @@ def real_spectrum_filter(x: torch.Tensor, f) -> torch.Tensor:
         return torch.fft.irfft2(_fp32_or_wider(f(spec)), s=(h, w))
 
 
+def _self_conjugate(x: torch.Tensor) -> torch.Tensor:
+    """(H, W) bool: the bins of a real x's 2-D spectrum that equal their own conjugate."""
+    h, w = x.shape[-2:]
+    rows = torch.zeros(h, dtype=torch.bool, device=x.device)
+    cols = torch.zeros(w, dtype=torch.bool, device=x.device)
+    rows[0], cols[0] = True, True
+    if h % 2 == 0:
+        rows[h // 2] = True
+    if w % 2 == 0:
+        cols[w // 2] = True
+    return rows[:, None] & cols[None, :]
+
+
 def fourier_upsample_core(x: torch.Tensor, amp_fuse: nn.Module, pha_fuse: nn.Module) -> torch.Tensor:
     """|IFFT2(amp_fuse(|F|) * exp(i * pha_fuse(angle F)))| at HxW, F = FFT2(x) (fp32 or wider)."""
     if _exporting():
@@ -63,6 +76,11 @@ def fourier_upsample_core(x: torch.Tensor, amp_fuse: nn.Module, pha_fuse: nn.Mod
     with torch.autocast(x.device.type, enabled=False):
         x = _fp32_or_wider(x)
         spec = torch.fft.fft2(x)
+        # The bins at rows {0, H/2} x columns {0, W/2} are real for a real x; fp32 FFTs leave ~1e-7
+        # there (at some sizes), and where the real part is negative that noise decides between
+        # angle +pi and -pi, which pha_fuse maps to different outputs. They are made exactly real
+        # (angle pi, as torch.fft's exact zeros and a float64 FFT give).
+        spec = torch.complex(spec.real, spec.imag.masked_fill(_self_conjugate(x), 0.0))
         mag = _fp32_or_wider(amp_fuse(spec.abs()))
         pha = _fp32_or_wider(pha_fuse(spec.angle()))
         return torch.fft.ifft2(torch.complex(mag * torch.cos(pha), mag * torch.sin(pha))).abs()
@@ -96,9 +114,11 @@ class SpectroMDTA(nn.Module):
         norm_k = k.norm(dim=-1).clamp_min(1e-12)
         attn = torch.softmax(gram / (norm_q[..., :, None] * norm_k[..., None, :]) * self.temperature, dim=-1)
         mixed = (attn @ v).reshape(b, c, h, w)
-        # project_out, then kv's vf half: two bias-free 1x1 convs as one
-        fused = self.kv.weight[c:, :, 0, 0] @ self.project_out.weight[:, :, 0, 0]
-        vf = F.conv2d(mixed, fused[:, :, None, None])
+        if _exporting():   # the exporter needs conv kernels of known shape: the two convs in turn
+            vf = F.conv2d(self.project_out(mixed), self.kv.weight[c:])
+        else:              # project_out, then kv's vf half: two bias-free 1x1 convs as one
+            fused = self.kv.weight[c:, :, 0, 0] @ self.project_out.weight[:, :, 0, 0]
+            vf = F.conv2d(mixed, fused[:, :, None, None])
         vf = F.conv2d(vf, self.kv_conv.weight[c:], padding=1, groups=c)
         return self.project_outf((attn @ vf.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w))
 
@@ -140,6 +160,8 @@ class SFCA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self.relu_2(self.conv_2(self.relu_1(self.conv_1(x))))
         freq = real_spectrum_filter(x, self._bins).to(x.dtype)
+        if _exporting():   # the exporter needs conv kernels of known shape: the original's order
+            return self.agssf(self.con2X1(torch.cat([spatial + self.identity1(x), freq + self.identity2(x)], 1)))
         # identity1 and identity2 both read x and are summed inside con2X1: one 1x1 conv
         c = x.shape[1]
         wa, wb = self.con2X1.weight[:, :c, 0, 0], self.con2X1.weight[:, c:, 0, 0]
@@ -173,6 +195,8 @@ class UpS(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         half = c // 2
+        if _exporting():
+            return self._export_forward(x)
         red_f, red_s = self.reduce.weight[:, :half, 0, 0], self.reduce.weight[:, half:, 0, 0]
         post = self.Fups.post
         freq_w = red_f @ post.weight[:, :, 0, 0]                          # (C/2, C)
@@ -184,6 +208,15 @@ class UpS(nn.Module):
         core = fourier_upsample_core(x, self.Fups.amp_fuse, self.Fups.pha_fuse).to(x.dtype)
         even = pre[:, :, :1] + F.conv2d(core, freq_w[:, :, None, None]).unsqueeze(2)
         return F.pixel_shuffle(torch.cat([even, pre[:, :, 1:]], 2).reshape(b, 2 * c, h, w), 2)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result with the modules' own kernels (the exporter needs kernels of known shape):
+        post(|IFFT|) on the (even, even) sub-pixels, post's bias elsewhere, then reduce."""
+        post = self.Fups.post
+        core = post(fourier_upsample_core(x, self.Fups.amp_fuse, self.Fups.pha_fuse).to(x.dtype))
+        bias = (core * 0 + post.bias[None, :, None, None]).unsqueeze(2)
+        fups = F.pixel_shuffle(torch.cat([core.unsqueeze(2), bias, bias, bias], 2).flatten(1, 2), 2)
+        return self.reduce(torch.cat([fups, self.Sups(x)], 1))
 
 
 def _stage(n: int, channels: int, heads: int, expansion: float) -> nn.Sequential:
