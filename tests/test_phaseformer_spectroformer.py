@@ -192,14 +192,21 @@ def test_one_output_loss_is_spectroformers_fixed_sum():
 
 def test_training_spectroformer_one_epoch_then_infer(tmp_path):
     """--model spectroformer: one output, the fixed 0.03/0.02/0.01 weights (perceptual left out
-    here), no 2x term; best.pt restores images with infer.py (model detected from it)."""
+    here), no 2x term; --init takes an official-style state_dict (module. prefix, as the original's
+    DataParallel saves); best.pt restores images with infer.py (model detected from it)."""
     import csv
 
     from phaseformer import infer
     from phaseformer.data import make_builtin_dataset
     data = tmp_path / "lsui"
     make_builtin_dataset(data, n=4, size=32, seed=1)
-    _train([*_spectro_args(data), "--epochs", "1", "--out", str(tmp_path / "run")])
+    init = official.trained_looking(official.mymodel(), seed=5).state_dict()
+    torch.save({f"module.{k}": v for k, v in init.items()}, tmp_path / "netG_model_epoch_1.pth")
+    _train([*_spectro_args(data), "--epochs", "1", "--out", str(tmp_path / "run"),
+            "--init", str(tmp_path / "netG_model_epoch_1.pth")])
+    trained = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(trained["output1.weight"], init["output1.weight"])       # frozen: never reaches the output
+    assert not torch.equal(trained["output.weight"], init["output.weight"])     # trained from the init
     with open(tmp_path / "run" / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "val_psnr_2x" not in rows[0] and "train_2x_charbonnier" not in rows[0]
