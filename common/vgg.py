@@ -36,6 +36,7 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     path, url = imagenet_weights_path(arch), ARCHS[arch][1].url
     if not path.is_file():
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no hub cache yet
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: all mean "not available"
             raise WeightsUnavailable(

@@ -1,4 +1,4 @@
-"""Restore underwater images with a Phaseformer: a folder in, restored PNGs out.
+"""Restore underwater images with a Phaseformer or a Spectroformer: a folder in, restored PNGs out.
 
   python phaseformer/infer.py --weights runs/phaseformer/.../best.pt photos/ --out restored/
   python phaseformer/infer.py --weights best.pt photos/ --gt references/ --metrics   # + PSNR/SSIM
@@ -7,7 +7,14 @@
 
 --weights takes one of our checkpoints (best.pt / last.pt), a converted file
 (scripts/convert_phaseformer.py), or an official release file / training-script state_dict
-directly (read with the same allow-list; nothing in it is run).
+directly (read with the same allow-list; nothing in it is run). The model (phaseformer or
+spectroformer) is detected from the file; --model names it instead.
+
+Photographs: JPEG/PNG/... of any size (tiled, so memory stays bounded), names with spaces or
+parentheses. EXIF-rotated JPEGs are restored in the orientation a viewer shows (and saved upright,
+that size). Grayscale images are restored as RGB (R = G = B in). 16-bit PNGs are scaled to 8 bit
+(65535 -> 255) and restored as 8-bit PNGs. An alpha channel is not restored: it is set aside and put
+back unchanged, so an RGBA input gives an RGBA PNG. Outputs keep the input's name stem (.png).
 
 Presets:
   ours (default): RGB in [0, 1] at the image's own size, the 1x head (or --head 2x for twice the
@@ -15,8 +22,8 @@ Presets:
       with linear ramps, so memory stays bounded; sizes that are not multiples of 8 are padded
       by reflection and cropped back.
   official: what the release's test.py does, for its checkpoints: bicubic resize to 512x512,
-      inputs in [-1, 1], the 2x head (a 1024x1024 output), saved as (x+1)/2*255 clipped and
-      truncated to 8 bits.
+      inputs in [-1, 1], saved as (x+1)/2*255 clipped and truncated to 8 bits. Phaseformer: the
+      2x head (a 1024x1024 output); Spectroformer (its test.py): its one output, 512x512.
 --engine onnxruntime --onnx FILE runs an exported graph (phaseformer/deploy.py, the `ours` preset,
 the head it was exported with) through the same padding, tiling, blending and rounding. A file
 exported with --dynamic-size takes every tile as the PyTorch engine does, and the PNGs equal that
@@ -41,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # `python phaseformer/infer.py` from a checkout: import this checkout's packages
@@ -55,8 +62,8 @@ from common.io import (UserError, atomic_write_text, check_output_dir, image_to_
 from common.metrics import psnr, ssim
 from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 from phaseformer.deploy import HEADS, TASK
-from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
-from phaseformer.official import load_weights
+from phaseformer.model import DOWNSAMPLE_FACTOR, MODEL_NAMES, build_model
+from phaseformer.official import read_weights
 
 OFFICIAL_SIZE = 512
 MIN_SIDE = DOWNSAMPLE_FACTOR
@@ -119,7 +126,8 @@ def load_onnx(args) -> tuple[OrtRestorer, dict, int]:
             raise UserError(f"--tile {args.tile}: {args.onnx} takes {h}x{w} tiles only; leave --tile out, or export "
                             f"with --size {args.tile} {args.tile} or --dynamic-size")
         fixed, tile = (h, w), h
-    return OrtRestorer(graph, head, fixed, args.onnx), {"kind": f"ONNX Runtime, {args.onnx.name}"}, tile
+    return OrtRestorer(graph, head, fixed, args.onnx), \
+        {"kind": f"ONNX Runtime, {args.onnx.name}", "model": meta.get("model", "phaseformer")}, tile
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -199,6 +207,16 @@ def collect_inputs(items: list[Path]) -> list[tuple[Path, str]]:
     return found
 
 
+def read_photo(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB image as a viewer shows it, its alpha channel or None). EXIF orientation applied;
+    grayscale to RGB; 16-bit scaled to 8 bit (common.io.load_image)."""
+    im = ImageOps.exif_transpose(load_image(path, "RGB"))   # one clear error for a bad file
+    with Image.open(path) as probe:                          # header only
+        has_alpha = "A" in probe.getbands() or "transparency" in probe.info
+    alpha = ImageOps.exif_transpose(load_image(path, "RGBA")).getchannel("A") if has_alpha else None
+    return im, alpha
+
+
 def find_reference(gt_dir: Path, name: str) -> Path:
     rel = Path(name)
     for suffix in (None, *IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES)):
@@ -220,8 +238,11 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=Path,
                    help="our checkpoint, a converted file, or an official release file (PyTorch engine)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/phaseformer/infer-<time>)")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="which model --weights holds (default: detected from the file)")
     p.add_argument("--preset", choices=("ours", "official"), default="ours")
-    p.add_argument("--head", choices=("1x", "2x"), default=None, help="output head (default 1x; official: 2x)")
+    p.add_argument("--head", choices=("1x", "2x"), default=None,
+                   help="output head (default 1x; official Phaseformer: 2x; Spectroformer has only 1x)")
     p.add_argument("--tile", type=cli.int_range(64, 16384), default=None,
                    help=f"tile size in px for large images (a multiple of 8; default {DEFAULT_TILE}, or the size "
                         f"of an ONNX file exported for one size)")
@@ -249,8 +270,6 @@ def validate(args) -> None:
         raise UserError("--metrics needs --gt DIR (reference images with the same names)")
     if args.gt is not None and not args.gt.is_dir():
         raise UserError(f"--gt {args.gt}: not a folder")
-    if args.preset == "official" and args.head == "1x":
-        raise UserError("--preset official uses the 2x head, as the release's test.py does")
     if args.engine == "onnxruntime":
         if args.preset == "official":
             raise UserError("--preset official ([-1, 1] inputs, bicubic 512x512) runs in PyTorch only: give "
@@ -263,7 +282,6 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     cli.apply_runtime_args(args)
-    head = args.head or ("2x" if args.preset == "official" else "1x")
     out_dir = args.out or Path("runs") / "phaseformer" / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
     items = collect_inputs(args.inputs)
     check_output_dir(out_dir, [name for _, name in items] + (["metrics.csv", "metrics.json"] if args.metrics else []),
@@ -272,22 +290,29 @@ def main(argv=None):
 
     if args.engine == "onnxruntime":
         model, info, tile = load_onnx(args)
-        head = model.head
+        head, kind = model.head, info.get("model", "phaseformer")
         device, dtype = torch.device("cpu"), None         # ONNX Runtime takes host memory
         source = args.onnx
     else:
         device = select_device(args.device)
         dtype = amp_dtype(device, args.amp)
-        model = build_model()
-        info = load_weights(model, args.weights)
+        state, info = read_weights(args.weights, args.model)
+        kind = info["model"]
+        head = args.head or ("2x" if args.preset == "official" and kind == "phaseformer" else "1x")
+        if kind == "spectroformer" and head != "1x":
+            raise UserError(f"--head {head}: Spectroformer ({args.weights}) has one output, at the input's size")
+        if kind == "phaseformer" and args.preset == "official" and head == "1x":
+            raise UserError("--preset official uses Phaseformer's 2x head, as the release's test.py does")
+        model = build_model(kind)
+        model.load_state_dict(state, strict=True)
         model = model.to(device).eval()
         tile, source = args.tile or DEFAULT_TILE, args.weights
-    print(f"weights: {source} ({info['kind']}); preset {args.preset}, {head} head"
+    print(f"weights: {source} ({kind}, {info['kind']}); preset {args.preset}, {head} head"
           + (f", tiles of {tile} px (overlap {args.overlap})" if args.preset == "ours" else ""))
 
     rows = []
-    for path, name in tqdm(items, desc="restoring", disable=len(items) < 2):
-        im = load_image(path, "RGB")
+    for path, name in tqdm(items, desc="restoring", unit="image"):
+        im, alpha = read_photo(path)
         if min(im.size) < MIN_SIDE:
             raise UserError(f"{path}: {im.size[0]}x{im.size[1]} px is too small for the model "
                             f"(at least {MIN_SIDE} px per side)")
@@ -296,7 +321,10 @@ def main(argv=None):
         else:
             x = image_to_tensor(im)[None]
             result = to_uint8(restore(model, x, head, tile, args.overlap, device, dtype))
+        if alpha is not None and alpha.size == (result.shape[1], result.shape[0]):
+            result = np.dstack([result, np.asarray(alpha)])
         save_image(out_dir / name, result)
+        result = result[..., :3]
         if args.metrics:
             ref_path = references[name]
             ref = np.asarray(load_image(ref_path, "RGB"))

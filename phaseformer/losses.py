@@ -200,14 +200,17 @@ class UncertaintyWeighting(nn.Module):
 
 
 class PhaseformerLoss(nn.Module):
-    """Both heads' terms, combined by fixed or learned weights.
+    """Both heads' terms (or the 1x head's only: heads=("1x",), Spectroformer), combined by fixed
+    or learned weights.
 
-    forward(out_1x, out_2x, target_1x, target_2x) -> (total, {"1x_charbonnier": float, ...}).
+    forward(out_1x, out_2x, target_1x, target_2x) -> (total, {"1x_charbonnier": float, ...});
+    with one head, out_2x and target_2x are ignored (pass None). With fixed weights and one head
+    the total is exactly Spectroformer's 0.03/0.025/0.02/0.01 sum.
     `terms` may leave out 'perceptual' (no VGG weights available).
     """
 
     def __init__(self, weighting: str = "fixed", terms=TERMS, perceptual: PerceptualLoss | None = None,
-                 mean_over_processes=None):
+                 mean_over_processes=None, heads=HEADS):
         super().__init__()
         terms = tuple(terms)
         unknown = set(terms) - set(TERMS)
@@ -220,7 +223,10 @@ class PhaseformerLoss(nn.Module):
         self.laplacian = LaplacianLoss()
         self.msssim = MSSSIMLoss()
         self.perceptual = perceptual if "perceptual" in terms else None
-        keys = [(h, t) for h in HEADS for t in terms]
+        if not heads or set(heads) - set(HEADS):
+            raise ValueError(f"heads must be a subset of {HEADS} (got {heads!r})")
+        self.heads = tuple(heads)
+        keys = [(h, t) for h in self.heads for t in terms]
         if weighting == "fixed":
             self.weighting = FixedWeighting(keys)
         elif weighting == "learned":
@@ -233,7 +239,8 @@ class PhaseformerLoss(nn.Module):
 
     def forward(self, out_1x, out_2x, target_1x, target_2x):
         losses = {}
-        for head, pred, target in (("1x", out_1x, target_1x), ("2x", out_2x, target_2x)):
+        pairs = {"1x": (out_1x, target_1x), "2x": (out_2x, target_2x)}
+        for head, (pred, target) in ((h, pairs[h]) for h in self.heads):
             for term, value in self.term_losses(pred, target).items():
                 losses[(head, term)] = value
         total = self.weighting(losses)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_NAMES = ("phaseformer",)
+MODEL_NAMES = ("phaseformer", "spectroformer")  # spectroformer: phaseformer/spectroformer.py
 DOWNSAMPLE_FACTOR = 8                   # three 2x down-samplings
 UNUSED_MODULES = ("ups2", "attention.3")  # hold parameters in official files; forward never uses them
 
@@ -338,8 +338,19 @@ def init_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(name: str = "phaseformer", **kwargs) -> Phaseformer:
-    """The official Phaseformer (1,783,800 parameters), initialised as the training script does."""
+def build_model(name: str = "phaseformer", **kwargs) -> nn.Module:
+    """'phaseformer': the official Phaseformer (1,783,800 parameters), initialised as the training
+    script does. 'spectroformer': the old model final_model_AGSSF1.mymodel (2,530,193 parameters),
+    with PyTorch's default initialisation, as the official Spectroformer Train.py builds it."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODEL_NAMES)})")
+    if name == "spectroformer":
+        from phaseformer.spectroformer import Spectroformer  # imports this module's blocks
+        return Spectroformer(**kwargs)
     return init_weights(Phaseformer(**kwargs))
+
+
+def model_name(model: nn.Module) -> str:
+    """The build_model name of a built model (unwrapping DataParallel/DDP)."""
+    model = getattr(model, "module", model)
+    return "phaseformer" if isinstance(model, Phaseformer) else "spectroformer"

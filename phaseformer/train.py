@@ -1,4 +1,4 @@
-"""Train Phaseformer for underwater image restoration (LSUI-style pairs).
+"""Train Phaseformer (or Spectroformer: --model spectroformer) for underwater image restoration (LSUI-style pairs).
 
   python phaseformer/train.py                                  # built-in synthetic underwater demo, ~1 min
   python phaseformer/train.py --data LSUI --val-count 400      # input/ + GT/: seeded split -> run/split.txt
@@ -19,6 +19,13 @@ Adam state untouched) and is counted in log.csv (skipped_steps). Validation ever
 SSIM of the 1x output (clamped to [0, 1]) next to the same numbers for the input itself; the loss
 weights are logged every epoch; samples/epoch_NNNN.png shows input / 1x output / ground truth.
 Without --data: a generated LSUI-layout set of synthetic underwater images, trained on 32 px crops.
+
+--model spectroformer trains the old model (final_model_AGSSF1, one output) with the Spectroformer
+Train.py's loss as its default: fixed 0.03 Charbonnier + 0.025 perceptual (VGG16 four-layer) +
+0.02 Laplacian + 0.01 (1 - MS-SSIM) on its one output (--loss-weights learned / --perceptual
+vgg19 to change). Data, schedule, resume, samples, metrics and demo are the same. (The official
+Train.py used Adam lr 3e-5, batch 1 and 1500 + 1500 epochs: --lr 3e-5 --batch-size 1 --niter 1500
+--niter-decay 1500.)
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from common.trainer import Trainer
 from common.vgg import WeightsUnavailable
 from phaseformer.data import BUILTIN_VERSION, SAMPLINGS, PairDataset, make_builtin_dataset, resolve_dataset
 from phaseformer.losses import TERMS, PERCEPTUAL_VARIANTS, PerceptualLoss, PhaseformerLoss
-from phaseformer.model import DOWNSAMPLE_FACTOR, build_model
+from phaseformer.model import DOWNSAMPLE_FACTOR, MODEL_NAMES, build_model
 from phaseformer.official import read_weights
 
 TASK = "phaseformer"
@@ -61,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, epochs=None, batch_size=None, lr=1e-3, clip_grad=1.0)
     g = p.add_argument_group("phaseformer options")
+    g.add_argument("--model", choices=MODEL_NAMES, default="phaseformer",
+                   help="phaseformer (two outputs) or spectroformer (the old model, one output)")
     g.add_argument("--image-size", type=int_range(32, 4096), default=None,
                    help="training input size, a multiple of 8 (default 256; demo 32)")
     g.add_argument("--sampling", choices=SAMPLINGS, default=None,
@@ -72,10 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="epochs of linear lr decay after --niter (default 500; demo 2); "
                         "--epochs defaults to niter + niter_decay + 1")
     g.add_argument("--beta1", type=float_range(0, 1, hi_open=True), default=0.5, help="Adam beta1")
-    g.add_argument("--loss-weights", choices=("learned", "fixed"), default="learned",
-                   help="learned: uncertainty weighting (Kendall et al. 2018); fixed: 0.03/0.025/0.02/0.01")
-    g.add_argument("--perceptual", choices=(*PERCEPTUAL_VARIANTS, "none"), default="vgg19",
-                   help="vgg19: features[:35] (trains.py); vgg16: relu1_2..relu4_3 at 224 px (official); "
+    g.add_argument("--loss-weights", choices=("learned", "fixed"), default=None,
+                   help="learned: uncertainty weighting (Kendall et al. 2018); fixed: 0.03/0.025/0.02/0.01 "
+                        "(default: learned for phaseformer, fixed for spectroformer)")
+    g.add_argument("--perceptual", choices=(*PERCEPTUAL_VARIANTS, "none"), default=None,
+                   help="vgg19: features[:35] (trains.py; phaseformer's default); vgg16: relu1_2..relu4_3 at "
+                        "224 px (the official repos; spectroformer's default); "
                         "without cached / downloadable ImageNet weights the term is left out, with a note")
     g.add_argument("--split", type=Path, default=None, help="split file (train<TAB>name / val<TAB>name lines)")
     g.add_argument("--val-count", type=POSITIVE_INT, default=None,
@@ -108,6 +119,10 @@ def plan_run(args, stored: dict | None) -> dict:
     if args.init is not None and args.resume is not None:
         raise UserError("--init starts a new run; a --resume continues one with its own weights")
     plan["terms"] = list(stored["run_loss_terms"]) if stored else None
+    spectro = args.model == "spectroformer"
+    plan["loss_weights"] = args.loss_weights or ("fixed" if spectro else "learned")
+    plan["perceptual"] = args.perceptual or ("vgg16" if spectro else "vgg19")
+    plan["heads"] = ("1x",) if spectro else ("1x", "2x")
     return plan
 
 
@@ -115,10 +130,10 @@ def make_criterion(args, plan, info, device) -> PhaseformerLoss:
     terms = plan["terms"]
     perceptual = None
     if terms is None:
-        terms = [t for t in TERMS if t != "perceptual" or args.perceptual != "none"]
+        terms = [t for t in TERMS if t != "perceptual" or plan["perceptual"] != "none"]
     if "perceptual" in terms:
         try:
-            perceptual = PerceptualLoss(args.perceptual, weights="imagenet")
+            perceptual = PerceptualLoss(plan["perceptual"], weights="imagenet")
         except WeightsUnavailable as e:
             if plan["terms"] is not None:
                 raise UserError(f"{args.resume}: the run uses the perceptual loss, but {e}") from None
@@ -134,7 +149,8 @@ def make_criterion(args, plan, info, device) -> PhaseformerLoss:
         torch.distributed.all_reduce(t)
         return t / info.world_size
 
-    return PhaseformerLoss(args.loss_weights, terms, perceptual, mean_over_processes).to(device)
+    return PhaseformerLoss(plan["loss_weights"], terms, perceptual, mean_over_processes,
+                           heads=plan["heads"]).to(device)
 
 
 # ---------------------------------------------------------------- main
@@ -153,7 +169,7 @@ def main(argv=None):
                                                                     args.split_seed)
     if args.init is not None and not args.init.is_file():
         raise UserError(f"--init {args.init}: file not found")
-    init = read_weights(args.init) if args.init is not None else None   # read and checked before any output
+    init = read_weights(args.init, args.model) if args.init is not None else None   # read and checked before any output
 
     run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS)
     main_rank = run.info.is_main
@@ -164,8 +180,9 @@ def main(argv=None):
             print(f"built-in demo: synthetic underwater images, {plan['image_size']} px {plan['sampling']}s, "
                   f"{plan['epochs']} epochs (give --data for real data; --image-size / --epochs to change)")
 
-    model = build_model()
-    for p in model.unused_parameters():  # ups2 and attention[3] hold weights but are never used
+    model = build_model(args.model)
+    two_heads = args.model == "phaseformer"
+    for p in model.unused_parameters():  # modules official files hold but the output never uses
         p.requires_grad_(False)
     if init is not None:
         model.load_state_dict(init[0], strict=True)
@@ -184,8 +201,9 @@ def main(argv=None):
     loader = train_loader(train_set, plan["batch_size"], seed=args.seed, workers=args.workers, info=run.info)
     val_loader = eval_loader(val_set, plan["batch_size"], workers=args.workers, info=run.info)
     if main_rank:
-        print(f"model: Phaseformer, {sum(p.numel() for p in trainable):,} trainable parameters; "
-              f"loss: {' + '.join(plan['terms'])} per head, {args.loss_weights} weights; "
+        print(f"model: {args.model.capitalize()}, {sum(p.numel() for p in trainable):,} trainable parameters; "
+              f"loss: {' + '.join(plan['terms'])} {'per head' if two_heads else 'on its one output'}, "
+              f"{plan['loss_weights']} weights; "
               f"Adam lr {args.lr:g} betas ({args.beta1:g}, 0.999), lr constant for {plan['niter']} epoch(s) "
               f"then decaying over {plan['niter_decay']}")
 
@@ -196,6 +214,8 @@ def main(argv=None):
 
     def loss_fn(m, batch):
         x, target_1x, target_2x = batch
+        if not two_heads:
+            return criterion(m(x), None, target_1x, None)
         out_1x, out_2x = m(x)
         return criterion(out_1x, out_2x, target_1x, target_2x)
 
@@ -209,9 +229,10 @@ def main(argv=None):
     def val_loss(out_1x, out_2x, target_1x, target_2x) -> float:
         """The training loss on a validation batch, from this process's batch alone: the learned
         weighting's mean over processes is a collective, and processes may hold unequal batch counts."""
+        pairs = {"1x": (out_1x, target_1x), "2x": (out_2x, target_2x)}
         losses = {(head, term): value
-                  for head, pred, target in (("1x", out_1x, target_1x), ("2x", out_2x, target_2x))
-                  for term, value in criterion.term_losses(pred, target).items()}
+                  for head in criterion.heads
+                  for term, value in criterion.term_losses(*pairs[head]).items()}
         weighting = criterion.weighting
         shared = getattr(weighting, "mean_over_processes", None)
         weighting.mean_over_processes = None
@@ -226,23 +247,26 @@ def main(argv=None):
         loss_sum = torch.zeros(1, 2, dtype=torch.float64)   # (sum of batch loss x batch size, images)
         for x, target_1x, target_2x in val_loader:
             x, target_1x, target_2x = (t.to(run.device, non_blocking=True) for t in (x, target_1x, target_2x))
-            out_1x, out_2x = m(x)
+            out_1x, out_2x = m(x) if two_heads else (m(x), None)
             loss_sum += torch.tensor([[val_loss(out_1x, out_2x, target_1x, target_2x) * len(x), len(x)]],
                                      dtype=torch.float64)
             p, s = metrics(out_1x, target_1x)
             psnrs.append(p.cpu())
             ssims.append(s.cpu())
-            psnrs_2x.append(metrics(out_2x, target_2x)[0].cpu())
+            if two_heads:
+                psnrs_2x.append(metrics(out_2x, target_2x)[0].cpu())
             if not baseline:
                 inputs.append(torch.stack(metrics(x, target_1x), 1).cpu())
         if not baseline:  # the "return the input" restoration, once
             both = all_gather_cat(inputs, run.info)
             baseline.update(val_psnr_input=float(both[:, 0].mean()), val_ssim_input=float(both[:, 1].mean()))
         totals = all_gather_cat(loss_sum, run.info).sum(0)
-        return {"val_loss": float(totals[0] / totals[1]),
-                "val_psnr": float(all_gather_cat(psnrs, run.info).mean()),
-                "val_ssim": float(all_gather_cat(ssims, run.info).mean()),
-                "val_psnr_2x": float(all_gather_cat(psnrs_2x, run.info).mean()), **baseline}
+        row = {"val_loss": float(totals[0] / totals[1]),
+               "val_psnr": float(all_gather_cat(psnrs, run.info).mean()),
+               "val_ssim": float(all_gather_cat(ssims, run.info).mean())}
+        if two_heads:
+            row["val_psnr_2x"] = float(all_gather_cat(psnrs_2x, run.info).mean())
+        return {**row, **baseline}
 
     samples = next(iter(eval_loader(val_set, 4, workers=0, info=DistInfo()))) if main_rank else None
 
@@ -301,7 +325,7 @@ def save_samples(model, batch, path: Path, device: torch.device) -> None:
     model.eval()
     out_1x = model(x.to(device), head="1x").float().cpu()
     model.train(was_training)
-    save_image_grid(path, [x, out_1x, target_1x], ["input", "1x output", "ground truth"])
+    save_image_grid(path, [x, out_1x, target_1x], ["input", "output", "ground truth"])
 
 
 if __name__ == "__main__":

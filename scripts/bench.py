@@ -5,6 +5,7 @@
   python scripts/bench.py onnx         # ONNX Runtime CPU vs PyTorch CPU for every exported model
   python scripts/bench.py battery_ct   # every battery model at 512x512, batch 1 and 8, + a train step
   python scripts/bench.py phaseformer  # vs a transcription of the official model; tiled 2048x2048 inference
+  python scripts/bench.py spectroformer  # only the phaseformer section's Spectroformer rows (the old model)
   python scripts/bench.py spectral     # cnn_xattn train step and inference vs CR_recon; loader memory on 2 x 100,000 rows
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
@@ -480,7 +481,7 @@ def _profile_split(fn) -> dict:
     return {k: v / total for k, v in groups.items()}
 
 
-def _phaseformer_tiled_memory(size: int, tile: int, head: str) -> dict:
+def _phaseformer_tiled_memory(size: int, tile: int, head: str, model: str = "phaseformer") -> dict:
     """Peak resident memory of a tiled restore of a size x size image, in a fresh process."""
     # VmHWM (peak RSS of this process's memory map), not ru_maxrss: Linux carries the parent's
     # ru_maxrss over fork + exec
@@ -490,7 +491,7 @@ torch.set_num_threads({torch.get_num_threads()})
 from phaseformer.model import build_model
 from phaseformer.infer import restore
 hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-model = build_model().eval()
+model = build_model("{model}").eval()
 x = torch.rand(1, 3, {size}, {size})
 before = hwm()
 t0 = time.perf_counter()
@@ -502,7 +503,7 @@ print(before, hwm(), time.perf_counter() - t0, tuple(y.shape))
     if res.returncode != 0:
         raise SystemExit(f"tiled inference failed:\n{res.stderr[-3000:]}")
     before, peak, seconds, shape = res.stdout.strip().splitlines()[-1].split(" ", 3)
-    return {"what": f"tiled {head} inference {size}x{size}, tile {tile}", "peak_rss_gb": int(peak) / 2**20,
+    return {"what": f"{model} tiled {head} inference {size}x{size}, tile {tile}", "peak_rss_gb": int(peak) / 2**20,
             "rss_before_gb": int(before) / 2**20, "s": float(seconds), "output": shape}
 
 
@@ -576,9 +577,71 @@ def bench_phaseformer(args) -> list[dict]:
         row = _phaseformer_tiled_memory(big, 256 if args.quick else 512, head)
         rows.append(row)
         print(f"  {row['what']}: peak RSS {row['peak_rss_gb']:.2f} GB ({row['s']:.0f} s)", flush=True)
+    rows += bench_spectroformer(args)
     if torch.cuda.is_available():
         rows += _phaseformer_gpu(args, reference.state_dict())
     report(rows, f"phaseformer, {torch.get_num_threads()} threads")
+    return rows
+
+
+def bench_spectroformer(args) -> list[dict]:
+    """Spectroformer (final_model_AGSSF1) forward (batch 2) and training step (batch 1) at 256x256: ours vs our
+    transcription of the original's arithmetic (tests/phaseformer_ref/official_spectroformer.py),
+    same weights, interleaved; outputs compared with the float64 transcription; tiled 2048x2048
+    inference (peak memory, own process)."""
+    sys.path.insert(0, str(REPO / "tests" / "phaseformer_ref"))
+    import official_spectroformer as official
+    from phaseformer.spectroformer import Spectroformer
+
+    size, bs = (64, 2) if args.quick else (256, 2)
+    reference = official.trained_looking(official.mymodel(), seed=0)
+    ours = Spectroformer()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.rand(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
+    variants = {"spectroformer transcription": reference, "spectroformer ours": ours}
+    with torch.no_grad():
+        import copy
+        truth = copy.deepcopy(reference).double().eval()(x.double())
+        diffs = {k: (m.eval()(x).double() - truth).abs().max().item() for k, m in variants.items()}
+    rows = []
+    # the training step at batch 1, as the official Train.py (the transcription's batch-2 step holds 6.4 GB)
+    inputs = {"forward": x, "train step": x[:1]}
+    for what in ("forward", "train step"):
+        def call(m, what=what, x=inputs[what]):
+            if what == "forward":
+                with torch.no_grad():
+                    m.eval()(x)
+            else:
+                m.train().zero_grad(set_to_none=True)
+                m(x).square().mean().backward()
+        best = {k: float("inf") for k in variants}
+        best_cpu = {k: float("inf") for k in variants}
+        for _ in range(args.repeats):  # interleaved: drift in machine load hits both alike
+            for k, m in variants.items():
+                c0 = time.process_time()
+                best[k] = min(best[k], timed(lambda: call(m), 1, warmup=0))
+                best_cpu[k] = min(best_cpu[k], time.process_time() - c0)
+        # CPU seconds of this process too: on a shared, oversubscribed machine the wall clock mostly
+        # measures the other jobs (with --threads 1 the CPU time is the work itself)
+        base, base_cpu = best["spectroformer transcription"], best_cpu["spectroformer transcription"]
+        for k in variants:
+            rows.append({"what": what, "model": k, "size": size, "batch": len(inputs[what]), "s": best[k],
+                         "cpu_s": best_cpu[k],
+                         "speedup_vs_official": base / best[k], "cpu_speedup_vs_official": base_cpu / best_cpu[k],
+                         "max_abs_diff_vs_float64_original": diffs[k]})
+            print(f"  {what} {k}: {best[k]:.3f} s, x{base / best[k]:.2f}; CPU {best_cpu[k]:.3f} s, "
+                  f"x{base_cpu / best_cpu[k]:.2f}; max |d| vs float64 original {diffs[k]:.1e}", flush=True)
+    big = 512 if args.quick else 2048
+    row = _phaseformer_tiled_memory(big, 256 if args.quick else 512, "1x", "spectroformer")
+    rows.append(row)
+    print(f"  {row['what']}: peak RSS {row['peak_rss_gb']:.2f} GB ({row['s']:.0f} s)", flush=True)
+    return rows
+
+
+def bench_spectroformer_only(args) -> list[dict]:
+    """The Spectroformer rows of the phaseformer section alone."""
+    rows = bench_spectroformer(args)
+    report(rows, f"spectroformer, {torch.get_num_threads()} threads")
     return rows
 
 
@@ -1265,7 +1328,7 @@ def bench_ddp(args) -> list[dict]:
 
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
             "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu,
-            "ddp": bench_ddp}
+            "ddp": bench_ddp, "spectroformer": bench_spectroformer_only}
 CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx"]
 
 

@@ -9,6 +9,7 @@
   python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
   python scripts/export_onnx.py --task phaseformer --weights runs/phaseformer/*/best.pt --out pf.onnx --dynamic-size
   python scripts/export_onnx.py --task phaseformer --weights uieb.pth --head 2x --size 512 512 --out pf_2x.onnx
+  python scripts/export_onnx.py --task phaseformer --weights final_model_AGSSF1.pth --model spectroformer --out sf.onnx --dynamic-size
 
 The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
 image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--model", help="crbl: crop | full; battery_ct: the model name (read from a training "
                                    "checkpoint; needed for a converted file); spectral, colorize: checked against the "
-                                   "weights; phaseformer: phaseformer")
+                                   "weights; phaseformer: phaseformer | spectroformer (detected from "
+                                   "the weights)")
     p.add_argument("--config", type=Path,
                    help="spectral: the YAML config of a CR_recon checkpoint (as infer.py --config)")
     p.add_argument("--head", choices=("1x", "2x"),

@@ -208,3 +208,55 @@ def test_refusals_in_one_line_and_nothing_written(files, tmp_path, capsys):
         export_main(["--task", "phaseformer", "--weights", str(other), "--out", str(out)])
     with pytest.raises(UserError, match="--head: --task colorize has one output head"):
         export_main(["--task", "colorize", "--weights", str(other), "--out", str(out), "--head", "2x"])
+
+
+def test_spectroformer_export_forms_equal_its_ffts(monkeypatch):
+    """The traced forms (DFT-matrix products, angle from Atan) of UpS and SFCA against the
+    torch.fft forward, at even and odd map sizes (the full export is the slow test below)."""
+    import official_spectroformer
+    from phaseformer import spectroformer
+    g = torch.Generator().manual_seed(8)
+    for module, seed in ((spectroformer.UpS(8), 1), (spectroformer.SFCA(8), 2)):
+        module.load_state_dict(official_spectroformer.trained_looking(
+            type(module)(8) if isinstance(module, spectroformer.SFCA) else spectroformer.UpS(8), seed).state_dict())
+        for hw in ((6, 4), (5, 8), (4, 6)):
+            x = torch.randn(2, 8, *hw, generator=g)
+            with torch.no_grad():
+                want = module(x)
+                with monkeypatch.context() as m:
+                    m.setattr(spectroformer, "_exporting", lambda: True)
+                    got = module(x)
+            assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), (type(module), hw)
+
+
+@pytest.mark.slow
+def test_spectroformer_exports_with_its_ffts_and_runs_in_infer(tmp_path):
+    """--model detected from the weights: UpS's complex FFT, |F| and angle(F) and SFCA's real
+    spectra as DFT-matrix products; ORT equals PyTorch at the traced and other sizes (an odd 1/8
+    map at 32x40), and infer.py --engine onnxruntime writes what the PyTorch engine writes."""
+    import official_spectroformer
+    from phaseformer.model import build_model
+    net = build_model("spectroformer").eval()
+    net.load_state_dict(official_spectroformer.trained_looking(official_spectroformer.mymodel(), seed=6).state_dict())
+    weights, path = tmp_path / "spectro.pth", tmp_path / "spectro.onnx"
+    torch.save(net.state_dict(), weights)
+    export_main(["--task", "phaseformer", "--weights", str(weights), "--out", str(path), "--size", "16", "24",
+                 "--dynamic-batch", "--dynamic-size", "--threads", "1"])
+    g = torch.Generator().manual_seed(7)
+    deltas = [max_delta(net, path, torch.rand(b, 3, *hw, generator=g), "1x") for b, hw in ((1, (16, 24)), (2, (32, 40)))]
+    print(f"max |ORT - torch| spectroformer: {max(deltas):.2e}")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"MatMul", "Cos", "Sin", "Atan"} <= ops and not ops & {"DFT", "STFT"}
+    assert meta_of(path)["model"] == "spectroformer"
+    with pytest.raises(UserError, match="one output"):
+        export_main(["--task", "phaseformer", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"),
+                     "--head", "2x"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(folder / "a b.png")
+    infer.main([str(folder), "--weights", str(weights), "--out", str(tmp_path / "pt")])
+    infer.main([str(folder), "--engine", "onnxruntime", "--onnx", str(path), "--out", str(tmp_path / "ort")])
+    a = np.asarray(Image.open(tmp_path / "pt" / "a b.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "ort" / "a b.png")).astype(int)
+    assert a.shape == b.shape == (30, 41, 3) and np.abs(a - b).max() <= 1

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REF))
 MODULES = ("model_with_eca", "phaseformer")
 GENUINE = ("whole_cuda_zip", "whole_cuda_legacy", "state_dict", "state_dict_module")
 FIRST_ONLY = ("dataparallel", "state_dict_cuda_legacy")   # written for model_with_eca only
+SPECTRO_MODULES = ("final_model", "final_model_AGSSF1")    # Spectroformer: Train.py's import, the model file
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def files(tmp_path_factory):
     as `model_with_eca` / `phaseformer` (this process never imports such a module)."""
     out = tmp_path_factory.mktemp("official")
     marker = out / "PWNED-nested"
-    subprocess.run([sys.executable, str(REF / "make_official_files.py"), str(out), "--evil", str(marker), "--few"],
+    subprocess.run([sys.executable, str(REF / "make_official_files.py"), str(out), "--evil", str(marker), "--few",
+                    "--spectro-modules", *SPECTRO_MODULES],
                    check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out, marker
 
@@ -92,6 +94,54 @@ def test_cli_converts_a_phaseformer_named_pickle_from_inside_the_repo(files, tmp
     with pytest.raises(UserError, match="already exists"):
         convert(out / "phaseformer_state_dict.pth", dst)
     assert torch.equal(torch.load(dst, weights_only=True)["output.weight"], sd["output.weight"])
+
+
+@pytest.mark.parametrize("module", SPECTRO_MODULES)
+def test_spectroformer_files_are_detected_and_convert_with_output_parity(files, module, tmp_path):
+    """Whole pickles of final_model.mymodel / final_model_AGSSF1.mymodel (CPU zip, cuda:0 legacy) and
+    a module.-prefixed state_dict: detected as Spectroformer, outputs equal the original's."""
+    out, _ = files
+    imported_before = set(sys.modules)
+    ref = torch.load(out / f"{module}_reference.pt", weights_only=True)
+    first = module == SPECTRO_MODULES[0]
+    kinds = ("whole_zip", "whole_cuda_legacy", "state_dict_module") if first else ("whole_cuda_legacy",)
+    for kind in kinds:
+        sd, info = read_weights(out / f"{module}_{kind}.pth")
+        assert info["model"] == "spectroformer", kind
+        model = build_model("spectroformer").eval()
+        model.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            for x, r in zip(ref["inputs"], ref["out"]):
+                assert (model(x) - r).abs().max() <= 1e-4, kind
+        if kind.startswith("whole"):
+            assert info["kind"] == f"whole pickled model ({module}.mymodel)"
+            assert info["locations"] == ({"cuda:0"} if "cuda" in kind else {"cpu"})
+            assert info["format"] == ("legacy" if "legacy" in kind else "zip")
+    assert not set(SPECTRO_MODULES) & (set(sys.modules) - imported_before)
+    # --model forces the other model: a one-line refusal saying what differs
+    with pytest.raises(UserError, match=r"not Phaseformer \(model_with_eca.Restormer\) weights \(.*missing"):
+        read_weights(out / f"{module}_whole_cuda_legacy.pth", "phaseformer")
+    if first:
+        from scripts.convert_phaseformer import main
+        dst = tmp_path / "spectro.pth"
+        main([str(out / f"{module}_whole_cuda_legacy.pth"), str(dst)])
+        build_model("spectroformer").load_state_dict(torch.load(dst, weights_only=True), strict=True)
+        with pytest.raises(UserError, match="names the global posix.system"):
+            main([str(out / f"{module}_evil_nested_legacy.pth"), str(tmp_path / "evil_out.pth")])
+        assert not (tmp_path / "evil_out.pth").exists()
+        # a Spectroformer file into a built Phaseformer: refused, naming the right flag
+        from phaseformer.official import load_weights
+        with pytest.raises(UserError, match=r"holds Spectroformer .* \(use --model spectroformer\)"):
+            load_weights(build_model(), dst)
+
+
+def test_pickles_mixing_the_two_models_class_names_are_refused(tmp_path):
+    """Each module name allows only its own model's classes."""
+    for module, cls in (("final_model", "Restormer"), ("model_with_eca", "mymodel"), ("final_model", "ECA")):
+        path = tmp_path / f"{module}_{cls}.pth"
+        _torch_zip(path, f"c{module}\n{cls}\n)\x81.".encode())
+        with pytest.raises(UserError, match=f"names the global {module}.{cls}"):
+            read_weights(path)
 
 
 # ---------------------------------------------------------------- malicious files
@@ -178,7 +228,7 @@ def test_other_models_corrupt_files_and_bad_outputs(files, tmp_path):
     out, _ = files
     other = tmp_path / "other.pth"
     torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), other)
-    with pytest.raises(UserError, match=r"not Phaseformer weights \(282 missing: .*2 unexpected: weight, bias"):
+    with pytest.raises(UserError, match=r"not Phaseformer \(model_with_eca.Restormer\) weights \(282 missing: .*2 unexpected: weight, bias"):
         read_weights(other)
     sd = torch.load(out / "model_with_eca_state_dict.pth", weights_only=True)
     sd["output.weight"] = torch.zeros(3, 16, 3, 3)

@@ -119,7 +119,7 @@ def test_cli_restores_writes_metrics_and_refuses_bad_input(tmp_path, run_script)
     fails(tmp_path / "bad", "--weights", weights, "--out", tmp_path / "o2", message="broken.png: unreadable or corrupt")
     other = tmp_path / "other.pth"
     torch.save(nn.Linear(2, 2).state_dict(), other)
-    fails(tmp_path / "in", "--weights", other, "--out", tmp_path / "o3", message="other.pth: not Phaseformer weights")
+    fails(tmp_path / "in", "--weights", other, "--out", tmp_path / "o3", message="other.pth: not Phaseformer")
     _write(tmp_path / "tiny" / "t.png", np.zeros((5, 40, 3), np.uint8))
     fails(tmp_path / "tiny", "--weights", weights, "--out", tmp_path / "o4", message="40x5 px is too small")
     fails(tmp_path / "in", "--weights", weights, "--metrics", "--out", tmp_path / "o5", message="--metrics needs --gt")

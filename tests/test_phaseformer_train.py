@@ -148,8 +148,8 @@ def test_non_finite_losses_are_skipped_and_counted(lsui, straight, tmp_path, mon
     initial = {}
     real_build = train.build_model
 
-    def build():
-        model = real_build()
+    def build(name="phaseformer"):
+        model = real_build(name)
         initial.update(copy.deepcopy(model.state_dict()))
         return model
 
