@@ -30,7 +30,8 @@ from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_th
                         float_range)
 from common.data import list_images
 from common.device import cpu_streams, select_device
-from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
+from common.io import (UserError, atomic_write_text, check_output_file, load_weights_into, refuse_output_over_inputs,
+                       run_cli)
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
@@ -129,6 +130,9 @@ def main(argv=None):
                             args.overwrite)
 
     paths, labels = collect_inputs(args.inputs)
+    refuse_output_over_inputs([("inputs", [p for p in args.inputs if not p.is_dir()]), ("inputs", paths),
+                               ("--weights", args.weights), ("--combined", args.combined), ("--onnx", args.onnx)],
+                              files=[("--out", out)])
     if ort:
         def load(path, expected, role):
             return load_onnx(path, expected, role, args.providers, args.threads)

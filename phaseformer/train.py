@@ -37,7 +37,7 @@ from common.cli import NONNEG_INT, POSITIVE_INT, add_common_args, float_range, i
 from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
-from common.io import UserError, atomic_write_text, run_cli
+from common.io import UserError, atomic_write_text, require_file, run_cli
 from common.metrics import psnr, ssim
 from common.schedulers import constant_then_linear_decay
 from common.trainer import Trainer
@@ -149,8 +149,8 @@ def main(argv=None):
         data_dir = ensure_builtin(TASK, BUILTIN_VERSION, make_builtin_dataset)
     train_pairs, val_pairs, split_text, data_desc = resolve_dataset(Path(data_dir), args.split, args.val_count,
                                                                     args.split_seed)
-    if args.init is not None and not args.init.is_file():
-        raise UserError(f"--init {args.init}: file not found")
+    if args.init is not None:
+        require_file(args.init, "--init checkpoint file")
 
     run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS)
     main_rank = run.info.is_main
