@@ -5,13 +5,9 @@ import contextlib
 import errno
 import io
 import os
-import pickle
-import pickletools
 import re
 import sys
 import tempfile
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -112,16 +108,27 @@ def remove_created_dirs_if_empty() -> None:
     _created_dirs.clear()
 
 
-def _writable_location(path: Path) -> None:
+def _writable_location(path: Path, flag: str) -> None:
     """Refuse early when `path` could not be created: its nearest existing ancestor must be a
     writable folder."""
     p = path.parent
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
-        raise UserError(f"{path}: cannot be created: {p} is not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be written: no write permission in {p}")
+        raise UserError(f"{flag} {path}: cannot be created: {p} is not a folder")
+    _writable_folder(p, f"{flag} {path}: cannot be created")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = f"{folder} is on a read-only file system" if _read_only(folder) else f"no write permission in {folder}"
+        raise UserError(f"{what}: {why}; choose another location")
+
+
+def _read_only(folder: Path) -> bool:
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    return False
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
@@ -131,9 +138,9 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--o
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another {flag} or pass --overwrite")
-    if path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be replaced: no write permission in {path.parent}")
-    _writable_location(path)
+    if path.exists():
+        _writable_folder(path.parent, f"{flag} {path}: cannot be replaced")
+    _writable_location(path, flag)
     return path
 
 
@@ -148,10 +155,9 @@ def check_output_dir(folder: str | os.PathLike, names: Iterable[str], overwrite:
             if (folder / n).exists():
                 raise UserError(f"{folder / n} already exists; choose another {flag} or pass --overwrite")
     if folder.is_dir():
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {folder}: cannot be written: no write permission")
+        _writable_folder(folder, f"{flag} {folder}: cannot be written")
     else:
-        _writable_location(folder / "x")
+        _writable_location(folder, flag)
     return folder
 
 
@@ -167,7 +173,9 @@ def refuse_output_over_inputs(inputs: Iterable[tuple[str, object]], *, files: It
     folders: (flag, folder or None, names) it writes into; names None: any name (a run folder, which
              --overwrite clears), so the folder may hold no input at all. With names, the folder may
              hold no input file directly (the next run would read its outputs as inputs) unless
-             `alongside` (a few result files next to their inputs: then only a name clash counts)."""
+             `alongside` (a few result files next to their inputs: then only a name clash with an
+             input file counts; a file already in an input folder is taken for an earlier output).
+    A hard link is caught where the output names it, not inside a folder."""
     in_files, in_dirs = [], []
     for flag, value in inputs:
         for p in ([value] if isinstance(value, (str, os.PathLike)) else value or ()):
@@ -203,15 +211,17 @@ def refuse_output_over_inputs(inputs: Iterable[tuple[str, object]], *, files: It
                     refuse(flag, folder, f"is the input folder {ipath} ({iflag})", "folder")
                 if _is_under(i, d):
                     refuse(flag, folder, f"contains the input folder {ipath} ({iflag})", "folder")
-            hit = next((e for e in existing if _is_under(os.path.realpath(e), i)), None)
-            if hit is not None:
-                refuse(flag, folder, f"would write over {hit}, a file in the input folder {ipath} ({iflag})", "folder")
+                hit = next((e for e in existing if _is_under(os.path.realpath(e), i)), None)
+                if hit is not None:
+                    refuse(flag, folder, f"would write over {hit}, a file in the input folder {ipath} ({iflag})",
+                           "folder")
         targets = set().union(*(_identity(Path(folder) / n) for n in names)) if names is not None else set()
         for iflag, ipath, iident in in_files:
             if iident & targets:
                 refuse(flag, folder, f"would write over the input {ipath} ({iflag})", "folder")
-            entry = os.path.join(os.path.realpath(ipath.parent), ipath.name)
-            if (_is_under(entry, d) if names is None else not alongside and os.path.dirname(entry) == d):
+            places = [p for p in iident if isinstance(p, str)]
+            if any(_is_under(p, d) for p in places) if names is None else \
+                    not alongside and any(os.path.dirname(p) == d for p in places):
                 refuse(flag, folder, f"holds the input {ipath} ({iflag})", "folder")
         for wflag, wpath, _ in written:
             if os.path.realpath(wpath) == d:
@@ -329,13 +339,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 # ---------------------------------------------------------------- untrusted checkpoints
-class RefusedContent(UserError):
-    """load_untrusted refused what a file holds (`global_name`, where known); nothing from it was run.
-    `torch_format`: the file is in torch.save's format (an allow-list reader may look further)."""
+_UNTRUSTED = ("RefusedContent", "load_untrusted", "checkpoint_kind", "plain_pickle", "describe_bytes", "shown_global")
 
-    def __init__(self, message: str, global_name: str | None = None, torch_format: bool = True):
-        super().__init__(message)
-        self.global_name, self.torch_format = global_name, torch_format
+
+def __getattr__(name: str):
+    """The loader lives in common/untrusted.py; `from common.io import load_untrusted` keeps working."""
+    if name in _UNTRUSTED:
+        from common import untrusted
+        return getattr(untrusted, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -348,138 +360,6 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     if not path.is_file():
         raise UserError(f"{path}: not a regular file, expected a {what}")
     return path
-
-
-def load_untrusted(path: str | os.PathLike, safe_globals: Iterable = (), mmap: bool = False) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, never code. Every way a
-    file can fail is one UserError naming the file (RefusedContent where the file holds more than
-    tensors and plain data, naming the global); torch's own advice and warnings never reach the user.
-
-    `safe_globals` allowlists extra types (for example one numpy scalar type) for this call only.
-    `mmap=True` maps the tensors instead of reading them (cheap look at a large checkpoint).
-    """
-    path = require_file(path, "checkpoint file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    kind = checkpoint_kind(head)
-    if kind is None:
-        plain = plain_pickle(path)
-        if plain is not None and plain[1]:
-            raise RefusedContent(f"{path}: refused to load: a plain Python pickle (not a PyTorch checkpoint) that "
-                                 f"names the global {shown_global(plain[1][0])}; nothing from the file was run",
-                                 plain[1][0], torch_format=False)
-        what = f"a plain Python pickle of protocol {plain[0]}, not torch.save's format" if plain is not None else \
-            f"{describe_bytes(head)}, neither a zip archive nor a pickle"
-        raise UserError(f"{path}: not a PyTorch checkpoint ({what})")
-    if kind == "zip":
-        try:
-            with zipfile.ZipFile(path) as z:
-                torch_zip = any(n.endswith("data.pkl") for n in z.namelist())
-        except (zipfile.BadZipFile, OSError, ValueError):
-            raise UserError(f"{path}: corrupt or truncated checkpoint (a damaged or cut-short zip archive)") from None
-        if not torch_zip:
-            raise UserError(f"{path}: not a PyTorch checkpoint (a zip archive without the data.pkl of torch.save)")
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols and storages are not the user's
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise RefusedContent(f"{path}: refused to load: the file names the global {shown_global(found.group(1))}"
-                                 f", which a checkpoint of tensors and plain data never holds; nothing from the "
-                                 f"file was run", found.group(1)) from None
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise RefusedContent(f"{path}: refused to load: {_weights_only_reason(str(e))}; nothing from the file "
-                                 f"was run") from None
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({_torch_reason(e)})") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file fails in many ways in the unpickler
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({_torch_reason(e)})") from None
-
-
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the number torch.save's legacy format pickles first
-
-
-def checkpoint_kind(head: bytes) -> str | None:
-    """'zip' (torch.save's format since 1.6), 'legacy' (the older format: a pickled magic number
-    first, any protocol) or None (not torch.save's: a plain pickle, text or anything else)."""
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        with contextlib.suppress(Exception):
-            for op, arg, _ in pickletools.genops(io.BytesIO(head)):
-                if op.name == "STOP":
-                    break
-                if op.name in ("LONG", "LONG1", "LONG4"):
-                    return "legacy" if arg == LEGACY_MAGIC else None
-    return None
-
-
-def plain_pickle(path: Path, limit: int = 64 << 20) -> tuple[int, list[str]] | None:
-    """(protocol, globals it names) if the file is one plain pickle, else None. Read with
-    pickletools, which parses opcodes and runs nothing."""
-    if path.stat().st_size > limit:
-        return None
-    names, strings, proto = [], [], 0
-    try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name == "PROTO":
-                    proto = arg
-                elif op.name in ("GLOBAL", "INST"):
-                    names.append(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-                elif op.name == "STOP":
-                    return (proto, names) if not f.read(1) else None
-    except Exception:  # noqa: BLE001 - not a pickle
-        return None
-    return None
-
-
-def describe_bytes(head: bytes) -> str:
-    if head.startswith(b"\x89HDF"):
-        return "an HDF5 file (Keras weights? see scripts/convert_h5.py)"
-    for cut in range(4):  # the read may end inside a multi-byte character
-        with contextlib.suppress(UnicodeDecodeError):
-            text = head[:len(head) - cut].decode("utf-8")
-            return "a text file" if text.isprintable() or text.strip() != text or "\n" in text else "binary data"
-    return "binary data"
-
-
-def _weights_only_reason(text: str) -> str:
-    """What torch's weights-only unpickler refused, in words (it says "Unsupported operand 149")."""
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    detail = found.group(1).strip() if found else ""
-    op = re.fullmatch(r"Unsupported operand (\d+)", detail)
-    if op:
-        name = next((o.name for o in pickletools.opcodes if ord(o.code) == int(op.group(1))), None)
-        return (f"the file uses the pickle instruction {name or 'number ' + op.group(1)}, which the safe loader "
-                f"(weights only) does not read (legacy torch.save with a pickle protocol above 2?)")
-    if detail and "weights_only" not in detail and not re.search(r"\(\d+\)$", detail):
-        return f"the file holds objects other than tensors and plain data ({_first_line(Exception(detail))})"
-    return "the file holds objects other than tensors and plain data"
-
-
-def shown_global(name: str) -> str:
-    """posix.system is how os.system is pickled (nt.system on Windows): show both names."""
-    module, _, attr = name.rpartition(".")
-    return f"{name} (os.{attr})" if module in ("posix", "nt") else name
-
-
-def _torch_reason(e: Exception) -> str:
-    """The first sentence of torch's complaint, without its internal codes or advice."""
-    text = re.sub(r"\[enforce fail at [^\]]*\]\s*", "", str(e))
-    if "PytorchStreamReader" in text or "central directory" in text:
-        return "a damaged or cut-short zip archive"
-    text = _first_line(Exception(text))
-    if re.fullmatch(r"\W*\d*\W*", text) or "weights_only" in text:
-        return type(e).__name__
-    return text
 
 
 def _first_line(e: Exception) -> str:
@@ -518,6 +398,7 @@ def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Ten
 def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> dict:
     """Load weights from a checkpoint or plain state_dict strictly; mismatches are a UserError.
     Returns the file's dict (a checkpoint's config and extras), {} for a bare state_dict."""
+    from common.untrusted import load_untrusted
     obj = load_untrusted(path)
     load_state_strict(model, state_dict_from(obj, path), path)
     return obj if isinstance(obj, dict) else {}

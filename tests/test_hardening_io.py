@@ -119,9 +119,13 @@ def test_export_and_converters_never_write_over_their_input(tmp_path, capsys):
 
 def test_evaluate_and_splits_may_write_next_to_their_inputs_but_not_over_them(tmp_path, capsys):
     pred, gt = images(tmp_path / "pred"), images(tmp_path / "gt")
-    (pred / "scores.csv").write_text("not ours")
-    line = refused(capsys, "colorize.evaluate", "--pred", pred, "--gt", gt, "--inputs", gt, "--out", pred, "--overwrite")
-    assert f"would write over {pred / 'scores.csv'}, a file in the input folder {pred} (--pred)" in line, line
+    (pred / "scores.csv").write_text("an earlier evaluation")
+    before = snapshot(pred)
+    helpers.call(main_of("colorize.evaluate"), "--pred", pred, "--gt", gt, "--inputs", gt, "--out", pred,
+                 "--overwrite")
+    assert (pred / "scores.json").is_file() and (pred / "scores.csv").read_text().startswith("name")
+    assert {k: v for k, v in snapshot(pred).items() if k.endswith(".png")} == \
+        {k: v for k, v in before.items() if k.endswith(".png")}
     labels = tmp_path / "splits" / "train.txt"
     labels.parent.mkdir()
     labels.write_text("a.png\t0\n")
@@ -143,6 +147,10 @@ def test_a_training_run_folder_never_holds_its_inputs(tmp_path, capsys):
     images(data / "input"), images(data / "GT")
     line = refused(capsys, "phaseformer.train", "--data", data, "--out", tmp_path, "--overwrite")
     assert line == f"error: --out {tmp_path} contains the input folder {data} (--data); choose another folder"
+    os.symlink(run / "best.pt", tmp_path / "link.pt")
+    line = refused(capsys, "crbl.train", "--model-type", "crop", "--init", tmp_path / "link.pt", "--out", run,
+                   "--overwrite")
+    assert line == f"error: --out {run} holds the input {tmp_path / 'link.pt'} (--init); choose another folder"
     assert snapshot(run) == before
 
 
@@ -300,3 +308,17 @@ def test_writers_name_their_file_when_the_disk_is_full(tmp_path, full_disk):
         assert cio.os_message(e.value).startswith(f"{tmp_path / 'f.out'}: No space left on device; free space on the disk "
                                                   f"that holds {tmp_path}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    np.save(tmp_path / "S.npy", np.zeros((1, 1, 8, 8), np.float32))
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro)   # as on a read-only mount, as root too
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly())
+    line = refused(capsys, "spectral.infer", "--weights", "w.pt", "--structs", tmp_path / "S.npy",
+                   "--out", ro / "sub" / "p.npy")
+    assert line == (f"error: --out {ro / 'sub' / 'p.npy'}: cannot be created: {ro} is on a read-only "
+                    f"file system; choose another location")
