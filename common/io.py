@@ -136,6 +136,8 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--o
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
+    if path.exists() and not path.is_file():  # an atomic write would replace /dev/null itself
+        raise UserError(f"{flag} {path}: is not a regular file (a device or a pipe); choose a file name")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another {flag} or pass --overwrite")
     if path.exists():

@@ -115,6 +115,8 @@ def test_export_and_converters_never_write_over_their_input(tmp_path, capsys):
         line = refused(capsys, f"scripts.{script}", best, tmp_path / "same.pt", "--overwrite")
         assert line == f"error: OUT {tmp_path / 'same.pt'} is the input {best} (IN); choose another path", line
     assert best.read_bytes() == b"the checkpoint"
+    line = refused(capsys, "scripts.convert_phaseformer", best, os.devnull, "--overwrite")
+    assert line == f"error: OUT {os.devnull}: is not a regular file (a device or a pipe); choose a file name"
 
 
 def test_evaluate_and_splits_may_write_next_to_their_inputs_but_not_over_them(tmp_path, capsys):
