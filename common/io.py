@@ -240,6 +240,19 @@ def refuse_run_over_inputs(out: Path, args) -> None:
     inputs = [("--" + k.replace("_", "-"), v) for k, v in vars(args).items() if k not in ("out", "resume") and (
         isinstance(v, Path) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, Path) for x in v)))]
     refuse_output_over_inputs(inputs, folders=[("--out", out, None)])
+    # a run folder inside a --data folder is fine while it is new or holds an earlier run; one that
+    # already holds other files there holds data (--overwrite would then mix the run into it)
+    d = os.path.realpath(out)
+    held = [p.name for p in Path(out).iterdir() if not p.name.startswith(".")] if Path(out).is_dir() else []
+    if held and not any(n in held for n in _RUN_MARKERS):
+        for flag, value in inputs:
+            for p in ([value] if isinstance(value, Path) else value):
+                if p.is_dir() and _is_under(d, os.path.realpath(p)):
+                    raise UserError(f"--out {out} is inside the input folder {p} ({flag}) and holds files that are "
+                                    f"not a run ({', '.join(sorted(held)[:3])}); choose another folder")
+
+
+_RUN_MARKERS = ("last.pt", "best.pt", "log.csv")  # what every training run writes first
 
 
 def _identity(path) -> set:

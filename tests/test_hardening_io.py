@@ -10,6 +10,7 @@ All run the scripts' main() in this process: each refusal comes before any model
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import os
@@ -149,6 +150,15 @@ def test_a_training_run_folder_never_holds_its_inputs(tmp_path, capsys):
     images(data / "input"), images(data / "GT")
     line = refused(capsys, "phaseformer.train", "--data", data, "--out", tmp_path, "--overwrite")
     assert line == f"error: --out {tmp_path} contains the input folder {data} (--data); choose another folder"
+    # a run folder inside the data: new or an earlier run is fine; the images' own folder is not
+    # (before, --overwrite wrote best.pt, loss_curve.png ... among the training images)
+    line = refused(capsys, "phaseformer.train", "--data", data, "--out", data / "input" / ".." / "input", "--overwrite")
+    assert line == (f"error: --out {data / 'input' / '..' / 'input'} is inside the input folder {data} (--data) and "
+                    f"holds files that are not a run (im0.png, im1.png); choose another folder")
+    (data / "runs" / "old").mkdir(parents=True)
+    (data / "runs" / "old" / "log.csv").write_text("epoch\n")
+    for out in (data / "runs" / "new", data / "runs" / "old"):
+        cio.refuse_run_over_inputs(out, argparse.Namespace(data=data, out=out, resume=None))
     os.symlink(run / "best.pt", tmp_path / "link.pt")
     line = refused(capsys, "crbl.train", "--model-type", "crop", "--init", tmp_path / "link.pt", "--out", run,
                    "--overwrite")
