@@ -14,6 +14,7 @@ stops with the training.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import math
@@ -45,6 +46,9 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # the host, not the port, is the problem
+                raise UserError(f"--dashboard-host {host}: not an address of this machine ({e.strerror}); use "
+                                f"127.0.0.1, 0.0.0.0 (every interface) or one of this machine's addresses") from None
             raise UserError(f"--dashboard: cannot serve on {host}:{port} ({e.strerror or e}); choose another port "
                             f"with --dashboard PORT, or --no-dashboard") from None
 

@@ -334,3 +334,10 @@ def test_a_read_only_output_folder_is_named_before_any_work(tmp_path, capsys, mo
                    "--out", ro / "sub" / "p.npy")
     assert line == (f"error: --out {ro / 'sub' / 'p.npy'}: cannot be created: {ro} is on a read-only "
                     f"file system; choose another location")
+
+
+def test_a_dashboard_host_that_is_not_this_machine_names_the_flag():
+    from spectral.dashboard import check_port
+    with pytest.raises(UserError) as e:
+        check_port("203.0.113.1", 8600)  # TEST-NET-3: never an address of this machine
+    assert str(e.value).startswith("--dashboard-host 203.0.113.1: not an address of this machine ("), str(e.value)
