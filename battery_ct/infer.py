@@ -52,7 +52,8 @@ from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg,
 from common.data import ensure_builtin, list_images
 from common.device import select_device
 from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
-                       load_untrusted, load_weights_into, make_output_dir, run_cli, save_image, state_dict_from)
+                       load_untrusted, load_weights_into, make_output_dir, refuse_output_over_inputs, run_cli,
+                       save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
 from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 
@@ -282,11 +283,18 @@ def ae_report(cfg, items, scores, threshold, source_thr, source, weights) -> dic
     return out
 
 
+def refuse_over_inputs(args, items, out: Path, files: list[str]) -> None:
+    refuse_output_over_inputs([("--weights", args.weights), ("--onnx", args.onnx), ("--split", args.split),
+                               ("--data", args.data), ("--images", args.images), ("--images", [p for p, _ in items])],
+                              folders=[("--out", out, files)])
+
+
 def main_classify(args, model, cfg, extra, device):
     items, labelled, source = resolve_inputs(args)
     name = cfg["model"]
     out = args.out or Path("runs") / TASK / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
     files = ["predictions.csv"] + (["metrics.json", "confusion_matrix.png"] if labelled else [])
+    refuse_over_inputs(args, items, out, files)
     check_output_dir(out, files, args.overwrite)
     threshold, thr_source = None, None
     if name == "ae":
@@ -410,6 +418,7 @@ def main_segment(args, graph, cfg, device):
     if len(set(stems)) != len(stems):
         stems = [f"{i:05d}_{s}" for i, s in enumerate(stems)]
     files = [f"{s}_{kind}.png" for s in stems for kind in ("mask", "overlay")] + ["segments.csv"]
+    refuse_over_inputs(args, items, out, files)
     check_output_dir(out, files, args.overwrite)
     pad = torch.zeros(3)  # black (the graph normalises)
     n = cfg["num_classes"]
@@ -437,6 +446,7 @@ def main_segment(args, graph, cfg, device):
 def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args)
+    refuse_over_inputs(args, [], args.out, [])   # before the model is read; the output names are checked later
     if args.engine == "onnxruntime":
         graph, cfg, extra = load_onnx(args)
         device = torch.device("cpu")     # ONNX Runtime takes and returns host memory; the provider picks the device

@@ -21,7 +21,7 @@ from battery_ct.data import (CLASS_NAMES, class_counts, parse_name, read_split, 
                              write_split)
 from common.data import IMAGE_SUFFIXES
 from common.cli import SEED, ArgumentParser
-from common.io import UserError, check_output_dir, make_output_dir, run_cli
+from common.io import UserError, check_output_dir, make_output_dir, refuse_output_over_inputs, run_cli
 
 
 
@@ -48,6 +48,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     targets = [args.out / f"{s}.txt" for s in ("train", "val", "test")]
+    refuse_output_over_inputs([("--labels", args.labels), ("--images", args.images)],
+                              folders=[("--out", args.out, [t.name for t in targets])], alongside=True)
     check_output_dir(args.out, [t.name for t in targets], args.overwrite)
     items = read_split(args.labels, args.root) if args.labels else items_from_folders(args.images)
     splits = split_by_battery([(p.resolve(), y) for p, y in items], seed=args.seed)

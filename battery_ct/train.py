@@ -44,7 +44,8 @@ from common import cli
 from common.cli import add_common_args, float_range, int_range, setup_run
 from common.data import BalancedSampler, ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
-from common.io import UserError, atomic_torch_save, atomic_write_text, load_untrusted, load_weights_into, run_cli
+from common.io import (UserError, atomic_torch_save, atomic_write_text, load_untrusted, load_weights_into, require_file,
+                       run_cli)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, ssim, youden_threshold
 from common.repro import seed_everything
 from common.schedulers import poly
@@ -179,9 +180,8 @@ def validate(args) -> None:
                 raise UserError(f"{flag} does not apply to --model ae (one stage, Adam, 0.7*MSE + 0.3*(1-SSIM))")
     if args.model == "hdcnn" and args.loss in ("focal", "ce"):
         raise UserError("--loss does not apply to --model hdcnn (it trains with HDCNNLoss)")
-    if args.init is not None and not args.init.is_file():
-        raise UserError(f"--init {args.init}: file not found")
     if args.init is not None:   # another task's checkpoint is refused before the run folder is made
+        require_file(args.init, "--init checkpoint file")
         require_task(load_untrusted(args.init, mmap=True), args.init, TASK,
                      "a battery_ct/train.py checkpoint or weights converted by scripts/convert_deeplab.py")
 

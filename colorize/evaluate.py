@@ -30,7 +30,8 @@ from colorize.data import MASK_TOLERANCE, damage_mask, load_rgb
 from colorize.metrics import competition_score, mean_scores
 from common.cli import WORKERS, ArgumentParser, add_max_pixels_arg, apply_runtime_args, int_range
 from common.data import IMAGE_SUFFIXES
-from common.io import UserError, atomic_write_text, check_output_dir, load_image, make_output_dir, run_cli
+from common.io import (UserError, atomic_write_text, check_output_dir, load_image, make_output_dir,
+                       refuse_output_over_inputs, run_cli)
 
 COLUMNS = ("name", "score", "ssim", "masked_ssim", "hue_hist", "damaged_pixels")
 
@@ -133,6 +134,9 @@ def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args)
     out = args.out or Path("runs") / "colorize" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    refuse_output_over_inputs([("--pred", args.pred), ("--gt", args.gt), ("--masks", args.masks),
+                               ("--inputs", args.inputs)],
+                              folders=[("--out", out, ("scores.csv", "scores.json"))], alongside=True)
     check_output_dir(out, ("scores.csv", "scores.json"), args.overwrite)
     items = match(args)
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg,
 from common.data import list_images
 from common.device import select_device
 from common.io import (UserError, atomic_open, check_output_dir, check_output_file, load_state_strict, load_untrusted,
-                       make_output_dir, run_cli, save_image)
+                       make_output_dir, refuse_output_over_inputs, run_cli, save_image)
 from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 
 ORIGINAL_SIZE = 128   # the original's default resolution
@@ -179,7 +179,10 @@ def main(argv=None):
         zip_path = Path(args.zip) if args.zip else args.out / "submission.zip"
         if zip_path.suffix.lower() != ".zip":
             raise UserError(f"--zip {zip_path}: expected a .zip file name")
-    # every check before any work: nothing already there is replaced without --overwrite
+    # every check before any work: no input is ever replaced, nor an earlier output without --overwrite
+    refuse_output_over_inputs([("--weights", args.weights), ("--onnx", args.onnx), ("--input", args.input),
+                               ("--input", paths)],
+                              files=[("--zip", zip_path)], folders=[("--out", args.out, names)])
     check_output_dir(args.out, names, args.overwrite)
     if zip_path is not None:
         check_output_file(zip_path, args.overwrite, flag="--zip")

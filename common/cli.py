@@ -24,7 +24,8 @@ import torch
 
 from common.device import AMP_CHOICES, amp_dtype, reuse_freed_memory, select_device
 from common.distributed import DistInfo, init_distributed, local_device
-from common.io import UserError, load_untrusted, make_output_dir, remove_stale_temp_files, set_max_image_pixels
+from common.io import (UserError, load_untrusted, make_output_dir, refuse_run_over_inputs, remove_stale_temp_files,
+                       require_file, set_max_image_pixels)
 from common.repro import seed_everything
 
 # Flags that do not change what a run computes: they may differ on --resume. Those of them in
@@ -294,10 +295,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, resume_free=(), ta
 
 def resume_checkpoint(path: Path, task: str | None = None) -> dict:
     """The checkpoint a --resume names (tensors memory-mapped): a training checkpoint, of `task`."""
-    if Path(path).is_dir():
-        raise UserError(f"{path}: is a folder; --resume takes the run's last.pt")
-    if not Path(path).is_file():
-        raise UserError(f"{path}: checkpoint to resume from not found")
+    require_file(path, "--resume checkpoint file (the run's last.pt)")
     from common.checkpoint import check_checkpoint, require_task  # here, to keep the import graph acyclic
     obj = load_untrusted(path, mmap=True)
     if task is not None:
@@ -400,8 +398,8 @@ def setup_run(args: argparse.Namespace, task: str, name: str, outputs=(), reuse_
     `outputs` names task-specific files or folders (glob patterns) that --overwrite also removes;
     `reuse_memory` goes to apply_runtime_args.
     """
-    if args.resume is not None and not args.resume.is_file():
-        raise UserError(f"{args.resume}: checkpoint to resume from not found")
+    if args.resume is not None:
+        require_file(args.resume, "--resume checkpoint file")
     apply_runtime_args(args, reuse_memory)
     device = select_device(args.device)
     info = init_distributed(device)
@@ -420,6 +418,7 @@ def setup_run(args: argparse.Namespace, task: str, name: str, outputs=(), reuse_
             torch.distributed.broadcast_object_list(holder, src=0)
             out = Path(holder[0])
     if info.is_main:
+        refuse_run_over_inputs(out, args)
         prepare_run_dir(out, resume=args.resume, overwrite=getattr(args, "overwrite", False), outputs=outputs)
         print(f"run folder: {out}")
     return Run(device, info, dtype, out)

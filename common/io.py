@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -49,12 +49,29 @@ def one_line(text: str) -> str:
     return "; ".join(ln for ln in lines if ln)
 
 
+_OS_ADVICE = {
+    errno.ENOSPC: "free space on the disk that holds {folder}, or write the outputs somewhere else",
+    errno.EDQUOT: "free some of your quota on the disk that holds {folder}, or write the outputs somewhere else",
+    errno.EROFS: "{folder} is on a read-only file system: write the outputs somewhere else",
+    errno.EACCES: "no permission to write in {folder}: write the outputs somewhere else or change its permissions",
+    errno.EPERM: "not permitted in {folder}: write the outputs somewhere else or change its permissions",
+}
+
+
 def os_message(e: OSError) -> str:
+    """One line: the file (or folder), the problem, and for a full disk, a read-only or forbidden
+    folder, what to do about it."""
     what = e.strerror or type(e).__name__
-    if e.filename is not None:
-        target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    if e.filename is None:
+        return (str(e) or what) + ("; free space on the output disk (df -h), or write the outputs somewhere else"
+                                   if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    advice = _OS_ADVICE.get(e.errno)
+    if advice is None:
         return f"{target}: {what}"
-    return str(e) or what
+    name = Path(os.fsdecode(e.filename))
+    folder = name if name.is_dir() else name.parent
+    return f"{target}: {what}; {advice.format(folder=folder)}"
 
 
 def user_message(e: UserError) -> str:
@@ -93,16 +110,27 @@ def remove_created_dirs_if_empty() -> None:
     _created_dirs.clear()
 
 
-def _writable_location(path: Path) -> None:
+def _writable_location(path: Path, flag: str) -> None:
     """Refuse early when `path` could not be created: its nearest existing ancestor must be a
     writable folder."""
     p = path.parent
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
-        raise UserError(f"{path}: cannot be created: {p} is not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be written: no write permission in {p}")
+        raise UserError(f"{flag} {path}: cannot be created: {p} is not a folder")
+    _writable_folder(p, f"{flag} {path}: cannot be created")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = f"{folder} is on a read-only file system" if _read_only(folder) else f"no write permission in {folder}"
+        raise UserError(f"{what}: {why}; choose another location")
+
+
+def _read_only(folder: Path) -> bool:
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    return False
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
@@ -110,11 +138,13 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--o
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
+    if path.exists() and not path.is_file():  # an atomic write would replace /dev/null itself
+        raise UserError(f"{flag} {path}: is not a regular file (a device or a pipe); choose a file name")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another {flag} or pass --overwrite")
-    if path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be replaced: no write permission in {path.parent}")
-    _writable_location(path)
+    if path.exists():
+        _writable_folder(path.parent, f"{flag} {path}: cannot be replaced")
+    _writable_location(path, flag)
     return path
 
 
@@ -129,11 +159,117 @@ def check_output_dir(folder: str | os.PathLike, names: Iterable[str], overwrite:
             if (folder / n).exists():
                 raise UserError(f"{folder / n} already exists; choose another {flag} or pass --overwrite")
     if folder.is_dir():
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {folder}: cannot be written: no write permission")
+        _writable_folder(folder, f"{flag} {folder}: cannot be written")
     else:
-        _writable_location(folder / "x")
+        _writable_location(folder, flag)
     return folder
+
+
+def refuse_output_over_inputs(inputs: Iterable[tuple[str, object]], *, files: Iterable[tuple[str, object]] = (),
+                              folders: Iterable[tuple[str, object, Iterable[str] | None]] = (),
+                              alongside: bool = False) -> None:
+    """Before any work: no output may be, or be written over, an input of the same run, whatever the
+    spelling (symlinks, ./ and .., hard links). --overwrite replaces earlier outputs, never inputs.
+
+    inputs:  (flag, path or list of paths or None) the run reads; list the files behind a folder
+             where the script knows them.
+    files:   (flag, path or None) it writes.
+    folders: (flag, folder or None, names) it writes into; names None: any name (a run folder, which
+             --overwrite clears), so the folder may hold no input at all. With names, the folder may
+             hold no input file directly (the next run would read its outputs as inputs) unless
+             `alongside` (a few result files next to their inputs: then only a name clash with an
+             input file counts; a file already in an input folder is taken for an earlier output).
+    A hard link is caught where the output names it, not inside a folder."""
+    in_files, in_dirs = [], []
+    for flag, value in inputs:
+        for p in ([value] if isinstance(value, (str, os.PathLike)) else value or ()):
+            (in_dirs if os.path.isdir(p) else in_files).append((flag, Path(p), _identity(p)))
+
+    def refuse(flag, path, what, noun="path"):
+        raise UserError(f"{flag} {path} {what}; choose another {noun}")
+
+    written = []
+    for flag, path in files:
+        if path is None:
+            continue
+        ident = _identity(path)
+        for iflag, ipath, iident in in_files:
+            if ident & iident:
+                refuse(flag, path, f"is the input {ipath} ({iflag})")
+        for iflag, ipath, _ in in_dirs:
+            if os.path.realpath(path) == os.path.realpath(ipath):
+                refuse(flag, path, f"is the input folder {ipath} ({iflag})")
+        for wflag, wpath, wident in written:
+            if ident & wident:
+                refuse(flag, path, f"is also {wflag} {wpath}")
+        written.append((flag, path, ident))
+    for flag, folder, names in folders:
+        if folder is None:
+            continue
+        d = os.path.realpath(folder)
+        existing = [Path(folder) / n for n in names if (Path(folder) / n).is_file()] if names is not None else []
+        for iflag, ipath, _ in in_dirs:
+            i = os.path.realpath(ipath)
+            if names is None or not alongside:
+                if d == i:
+                    refuse(flag, folder, f"is the input folder {ipath} ({iflag})", "folder")
+                if _is_under(i, d):
+                    refuse(flag, folder, f"contains the input folder {ipath} ({iflag})", "folder")
+                hit = next((e for e in existing if _is_under(os.path.realpath(e), i)), None)
+                if hit is not None:
+                    refuse(flag, folder, f"would write over {hit}, a file in the input folder {ipath} ({iflag})",
+                           "folder")
+        targets = set().union(*(_identity(Path(folder) / n) for n in names)) if names is not None else set()
+        for iflag, ipath, iident in in_files:
+            if iident & targets:
+                refuse(flag, folder, f"would write over the input {ipath} ({iflag})", "folder")
+            places = [p for p in iident if isinstance(p, str)]
+            if any(_is_under(p, d) for p in places) if names is None else \
+                    not alongside and any(os.path.dirname(p) == d for p in places):
+                refuse(flag, folder, f"holds the input {ipath} ({iflag})", "folder")
+        for wflag, wpath, _ in written:
+            if os.path.realpath(wpath) == d:
+                refuse(flag, folder, f"is also {wflag} {wpath}", "folder")
+
+
+def refuse_run_over_inputs(out: Path, args) -> None:
+    """A training run folder (which --overwrite clears) may hold none of the files and folders its
+    flags read (--data, --init, --config, split files ...): every Path-valued flag but --out and
+    --resume. A resume into its own folder replaces only its own files and reads what is there."""
+    resume = getattr(args, "resume", None)
+    if resume is not None and os.path.realpath(out) == os.path.realpath(Path(resume).parent):
+        return
+    inputs = [("--" + k.replace("_", "-"), v) for k, v in vars(args).items() if k not in ("out", "resume") and (
+        isinstance(v, Path) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, Path) for x in v)))]
+    refuse_output_over_inputs(inputs, folders=[("--out", out, None)])
+    # a run folder inside a --data folder is fine while it is new or holds an earlier run; one that
+    # already holds other files there holds data (--overwrite would then mix the run into it)
+    d = os.path.realpath(out)
+    held = [p.name for p in Path(out).iterdir() if not p.name.startswith(".")] if Path(out).is_dir() else []
+    if held and not any(n in held for n in _RUN_MARKERS):
+        for flag, value in inputs:
+            for p in ([value] if isinstance(value, Path) else value):
+                if p.is_dir() and _is_under(d, os.path.realpath(p)):
+                    raise UserError(f"--out {out} is inside the input folder {p} ({flag}) and holds files that are "
+                                    f"not a run ({', '.join(sorted(held)[:3])}); choose another folder")
+
+
+_RUN_MARKERS = ("last.pt", "best.pt", "log.csv")  # what every training run writes first
+
+
+def _identity(path) -> set:
+    """What a path names: its directory entry (folders resolved, the name itself not), the file it
+    finally resolves to, and that file's device and inode (a hard link is the same file)."""
+    path = Path(path)
+    ident = {os.path.join(os.path.realpath(path.parent), path.name), os.path.realpath(path)}
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        ident.add((st.st_dev, st.st_ino))
+    return ident
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:
@@ -177,8 +313,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     hide results from the rest of the team.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o666 & ~current_umask())
@@ -188,10 +327,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from None  # a full disk says which file it was writing
         raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` with the file being written as its filename (a write, flush or fsync error names none;
+    a temporary file's name means nothing to the user)."""
+    if e.errno is None or e.filename is not None and not str(e.filename).endswith(".tmp"):
+        return e
+    return OSError(e.errno, e.strerror, str(path))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
@@ -207,56 +356,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 # ---------------------------------------------------------------- untrusted checkpoints
-def load_untrusted(path: str | os.PathLike, safe_globals: Iterable = (), mmap: bool = False) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, never code.
+_UNTRUSTED = ("RefusedContent", "load_untrusted", "checkpoint_kind", "plain_pickle", "describe_bytes", "shown_global")
 
-    `safe_globals` allowlists extra types (for example one numpy scalar type) for this call only.
-    `mmap=True` maps the tensors instead of reading them (cheap look at a large checkpoint).
-    """
+
+def __getattr__(name: str):
+    """The loader lives in common/untrusted.py; `from common.io import load_untrusted` keeps working."""
+    if name in _UNTRUSTED:
+        from common import untrusted
+        return getattr(untrusted, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` as a Path if it is an existing regular file; else the same UserError in every script."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a checkpoint file")
+        raise UserError(f"{path}: is a folder, expected a {what}")
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    kind = checkpoint_kind(head)
-    if kind is None:
-        raise UserError(f"{path}: not a PyTorch checkpoint ({describe_bytes(head)}, neither a zip archive "
-                        f"nor a pickle)")
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found or "weights_only" in str(e) or "Weights only" in str(e):
-            what = f"it names {found.group(1)}, which is not allowed" if found else _first_line(e)
-            raise UserError(f"{path}: refused to load: the file holds objects other than tensors "
-                            f"and plain data ({what}); nothing in it was run") from None
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file fails in many ways in the unpickler
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
-
-
-def checkpoint_kind(head: bytes) -> str | None:
-    """'zip' (torch.save's format since 1.6), 'pickle' (the legacy format) or None."""
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    return None
-
-
-def describe_bytes(head: bytes) -> str:
-    if head.startswith(b"\x89HDF"):
-        return "an HDF5 file (Keras weights? see scripts/convert_h5.py)"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "binary data"
-    return "a text file" if text.isprintable() or text.strip() != text else "binary data"
+        raise UserError(f"{path}: not a regular file, expected a {what}")
+    return path
 
 
 def _first_line(e: Exception) -> str:
@@ -295,6 +415,7 @@ def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Ten
 def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> dict:
     """Load weights from a checkpoint or plain state_dict strictly; mismatches are a UserError.
     Returns the file's dict (a checkpoint's config and extras), {} for a bare state_dict."""
+    from common.untrusted import load_untrusted
     obj = load_untrusted(path)
     load_state_strict(model, state_dict_from(obj, path), path)
     return obj if isinstance(obj, dict) else {}

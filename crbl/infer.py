@@ -31,8 +31,8 @@ from common.cli import (BATCH_SIZE, ArgumentParser, add_max_pixels_arg, add_thre
                         float_range)
 from common.data import list_images
 from common.device import cpu_streams, select_device
-from common.io import (UserError, atomic_write_text, check_output_file, load_state_strict, load_untrusted, run_cli,
-                       state_dict_from)
+from common.io import (UserError, atomic_write_text, check_output_file, load_state_strict, load_untrusted,
+                       refuse_output_over_inputs, run_cli, state_dict_from)
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
@@ -134,6 +134,9 @@ def main(argv=None):
                             args.overwrite)
 
     paths, labels = collect_inputs(args.inputs)
+    refuse_output_over_inputs([("inputs", [p for p in args.inputs if not p.is_dir()]), ("inputs", paths),
+                               ("--weights", args.weights), ("--combined", args.combined), ("--onnx", args.onnx)],
+                              files=[("--out", out)])
     if ort:
         def load(path, expected, role):
             return load_onnx(path, expected, role, args.providers, args.threads)

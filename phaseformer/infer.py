@@ -57,8 +57,8 @@ if __package__ in (None, ""):  # `python phaseformer/infer.py` from a checkout: 
 from common import cli
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import AMP_CHOICES, amp_dtype, autocast, select_device
-from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image, run_cli,
-                       save_image)
+from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image,
+                       refuse_output_over_inputs, run_cli, save_image)
 from common.metrics import psnr, ssim
 from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 from phaseformer.deploy import HEADS, TASK
@@ -284,8 +284,11 @@ def main(argv=None):
     cli.apply_runtime_args(args)
     out_dir = args.out or Path("runs") / "phaseformer" / f"infer-{time.strftime('%Y%m%d-%H%M%S')}"
     items = collect_inputs(args.inputs)
-    check_output_dir(out_dir, [name for _, name in items] + (["metrics.csv", "metrics.json"] if args.metrics else []),
-                     args.overwrite)
+    written = [name for _, name in items] + (["metrics.csv", "metrics.json"] if args.metrics else [])
+    refuse_output_over_inputs([("inputs", args.inputs), ("inputs", [path for path, _ in items]),
+                               ("--weights", args.weights), ("--onnx", args.onnx), ("--gt", args.gt)],
+                              folders=[("--out", out_dir, written)])
+    check_output_dir(out_dir, written, args.overwrite)
     references = {name: find_reference(args.gt, name) for _, name in items} if args.metrics else {}
 
     if args.engine == "onnxruntime":

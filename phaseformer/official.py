@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import require_task
-from common.io import UserError, strip_wrapper_prefixes
+from common.io import (RefusedContent, UserError, load_untrusted, one_line, shown_global,
+                       strip_wrapper_prefixes)
 from phaseformer.model import MODEL_NAMES, build_model
 from phaseformer.safe_pickle import InertModule, RefusedGlobal, load_pickled
 
@@ -135,21 +136,28 @@ def read_weights(path: str | os.PathLike, model: str | None = None) -> tuple[dic
 
 
 def _load_any(path: Path) -> tuple[object, dict]:
-    """torch.load(weights_only=True) for tensors-and-containers files; the allow-list reader for
-    whole pickled models (weights_only refuses those), whose verdict then names the problem."""
+    """The shared loader (common.io.load_untrusted) for tensors-and-containers files; the allow-list
+    reader for whole pickled models (which the shared loader refuses), whose verdict then names
+    the problem."""
     info = {"kind": "state_dict", "format": None, "locations": set(), "stripped": []}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), info
-    except Exception as e:  # noqa: BLE001 - refused or corrupt: the allow-list reader says which
-        weights_only_error = e
+        return load_untrusted(path), info
+    except RefusedContent as e:
+        if not e.torch_format:
+            raise
+        refused = e
     try:
         loaded = load_pickled(path, ALLOWED_CLASSES)
     except RefusedGlobal as e:
-        raise UserError(f"{path}: refused to load: the file names the global {e.name}, which no "
-                        f"Phaseformer or Spectroformer checkpoint holds (nothing from the file was run)") from None
+        raise UserError(f"{path}: refused to load: the file names the global {shown_global(e.name)}, which no "
+                        f"Phaseformer or Spectroformer checkpoint holds; nothing from the file was run") from None
+    except pickle.UnpicklingError as e:  # the allow-list reader names what is malformed; nothing ran
+        if not str(e).strip():
+            raise refused from None
+        raise UserError(f"{path}: corrupt or malformed checkpoint ({one_line(str(e))}); nothing from the file "
+                        f"was run") from None
     except Exception:  # noqa: BLE001 - malformed pickles fail in many ways; none of them runs code
-        raise UserError(f"{path}: not a readable PyTorch checkpoint "
-                        f"({_first_line(weights_only_error)})") from None
+        raise refused from None
     info.update(format=loaded.format, locations=loaded.locations)
     if isinstance(loaded.obj, InertModule):
         info["kind"] = f"whole pickled model ({_root_name(loaded.obj)})"
@@ -159,11 +167,6 @@ def _load_any(path: Path) -> tuple[object, dict]:
 def _root_name(obj: InertModule) -> str:
     inner = obj.state.get("_modules", {}).get("module") if obj.class_name.endswith("DataParallel") else None
     return f"{obj.class_name} of {inner.class_name}" if isinstance(inner, InertModule) else obj.class_name
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:

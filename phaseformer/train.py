@@ -45,7 +45,7 @@ from common.data import ensure_builtin, eval_loader, train_loader
 from common.distributed import DistInfo, all_gather_cat, cleanup, wrap_model
 from common.images import save_image_grid
 from common.summary import Metric, format_summary
-from common.io import UserError, atomic_write_text, run_cli
+from common.io import UserError, atomic_write_text, require_file, run_cli
 from common.metrics import psnr, ssim
 from common.schedulers import constant_then_linear_decay
 from common.trainer import Trainer
@@ -167,8 +167,8 @@ def main(argv=None):
         data_dir = ensure_builtin(TASK, BUILTIN_VERSION, make_builtin_dataset)
     train_pairs, val_pairs, split_text, data_desc = resolve_dataset(Path(data_dir), args.split, args.val_count,
                                                                     args.split_seed)
-    if args.init is not None and not args.init.is_file():
-        raise UserError(f"--init {args.init}: file not found")
+    if args.init is not None:
+        require_file(args.init, "--init checkpoint file")
     init = read_weights(args.init, args.model) if args.init is not None else None   # read and checked before any output
 
     run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS)

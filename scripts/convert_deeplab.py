@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from battery_ct.model import DeepLabClassifier, DeepLabSeg, describe_key_mismatch
 from common.cli import ArgumentParser
 from common.checkpoint import checkpoint_task
-from common.io import UserError, atomic_torch_save, check_output_file, load_untrusted, run_cli
+from common.io import (UserError, atomic_torch_save, check_output_file, load_untrusted, refuse_output_over_inputs,
+                       run_cli)
 
 try:  # numpy >= 2
     from numpy._core.multiarray import scalar as _numpy_scalar
@@ -69,8 +70,7 @@ def extract_state_dict(obj, path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def convert(src: Path, dst: Path, task: str, overwrite: bool = False) -> dict:
-    if src.resolve() == dst.resolve():
-        raise UserError(f"{dst}: output would overwrite the input")
+    refuse_output_over_inputs([("IN", src)], files=[("OUT", dst)])
     check_output_file(dst, overwrite, flag="OUT")
     obj = load_untrusted(src, safe_globals=NUMPY_SCALAR_GLOBALS)
     held = checkpoint_task(obj)

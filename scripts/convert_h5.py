@@ -51,7 +51,8 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser  # noqa: E402
-from common.io import UserError, atomic_torch_save, check_output_file, run_cli  # noqa: E402
+from common.io import (UserError, atomic_torch_save, check_output_file, refuse_output_over_inputs,  # noqa: E402
+                       require_file, run_cli)
 from crbl.model import CRBL, FEATURE_CHANNELS, FREEZE_INDEX, KERAS_LAYERS, MODEL_TYPES, EfficientNetB0  # noqa: E402
 
 # ----------------------------------------------------------------------------- the B0 weight spec
@@ -613,10 +614,7 @@ def _assign_backbones(content: Content) -> list[tuple[int, Backbone]]:
 def read_content(path: Path) -> Content:
     if h5py is None:
         raise UserError("h5py is not installed")
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not an .h5 file")
+    require_file(path, "Keras .h5 file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     if not h5py.is_hdf5(path):
@@ -712,8 +710,7 @@ def convert(in_path, out_path, model_type: str | None = None, log=print, overwri
     in_path, out_path = Path(in_path), Path(out_path)
     if model_type is not None and model_type not in MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
-        raise UserError(f"{out_path}: output would overwrite the input file")
+    refuse_output_over_inputs([("IN", in_path)], files=[("OUT", out_path)])
     check_output_file(out_path, overwrite, flag="OUT")
     content = read_content(in_path)
     is_crbl = content.kind.startswith("CRBL")

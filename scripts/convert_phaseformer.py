@@ -30,14 +30,13 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser
-from common.io import UserError, atomic_torch_save, check_output_file, run_cli
+from common.io import atomic_torch_save, check_output_file, refuse_output_over_inputs, run_cli
 from phaseformer.model import MODEL_NAMES, build_model
 from phaseformer.official import read_weights
 
 
 def convert(src: Path, dst: Path, overwrite: bool = False, model: str | None = None) -> dict:
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise UserError(f"{dst}: output would overwrite the input")
+    refuse_output_over_inputs([("IN", src)], files=[("OUT", dst)])
     check_output_file(dst, overwrite, flag="OUT")
     sd, info = read_weights(src, model)
     build_model(info["model"]).load_state_dict(sd, strict=True)  # the file we write is known to load

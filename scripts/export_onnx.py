@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import BATCH_SIZE, ArgumentParser, add_threads_arg, apply_runtime_args, float_range, int_range
-from common.io import UserError, check_output_file, run_cli
+from common.io import UserError, check_output_file, refuse_output_over_inputs, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
@@ -74,6 +74,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args)
+    refuse_output_over_inputs([("--weights", args.weights), ("--config", args.config)], files=[("--out", args.out)])
     out = check_output_file(args.out, args.overwrite)
     deploy = importlib.import_module(TASKS[args.task])
     extra = {k: v for k, v in (("config", args.config), ("head", args.head)) if v is not None}

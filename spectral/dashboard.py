@@ -58,8 +58,8 @@ def check_port(host: str, port: int) -> None:
             if e.errno in (errno.EADDRINUSE, errno.EACCES) and port != 0:
                 raise UserError(f"--dashboard: cannot serve on {host}:{port} ({reason}); choose another port "
                                 f"with --dashboard PORT (0 = any free one), or leave --dashboard out") from None
-            raise UserError(f"--dashboard-host {host}: cannot serve on this address ({reason}); give an address of "
-                            f"this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+            raise UserError(f"--dashboard-host {host}: not an address of this machine ({reason}); use "
+                            f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
 
 
 class Dashboard:

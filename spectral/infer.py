@@ -42,7 +42,7 @@ from common.cli import ArgumentParser, add_max_pixels_arg, add_threads_arg, appl
 from common.data import IMAGE_SUFFIXES, list_images
 from common.device import AMP_CHOICES, amp_dtype, cpu_streams, select_device
 from common.io import (UserError, strip_wrapper_prefixes, atomic_open, atomic_write_text, check_output_dir, check_output_file, load_image,
-                       load_untrusted, one_line, run_cli)
+                       load_untrusted, one_line, refuse_output_over_inputs, run_cli)
 from common.onnx import OrtModel, add_engine_args, check_task, resolve_engine, session
 from spectral.config import check_config, load_config
 from spectral.dashboard import plot_spectra
@@ -320,15 +320,21 @@ def sibling_truth(structs: Path) -> Path | None:
 def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args, reuse_memory=True)
-    out = check_output_file(args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy",
-                            args.overwrite)
+    out = args.out or Path("runs") / "spectral" / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.npy"
+    metrics_path = (args.metrics or out.with_suffix(".metrics.json")) if args.evaluate else None
+    plots = [f"spectra_{i:05d}.png" for i in range(args.plot_max)]
+    refuse_output_over_inputs(
+        [("--weights", args.weights), ("--onnx", args.onnx), ("--config", args.config), ("--structs", args.structs),
+         ("--evaluate", args.evaluate)],
+        files=[("--out", out), ("--csv", args.csv), ("--metrics", metrics_path)],
+        folders=[("--plot", args.plot, plots)])
+    check_output_file(out, args.overwrite)
     if args.csv:
         check_output_file(args.csv, args.overwrite, "--csv")
-    metrics_path = None
-    if args.evaluate:
-        metrics_path = check_output_file(args.metrics or out.with_suffix(".metrics.json"), args.overwrite, "--metrics")
+    if metrics_path:
+        check_output_file(metrics_path, args.overwrite, "--metrics")
     if args.plot:
-        check_output_dir(args.plot, [f"spectra_{i:05d}.png" for i in range(args.plot_max)], args.overwrite, "--plot")
+        check_output_dir(args.plot, plots, args.overwrite, "--plot")
 
     if args.engine == "onnxruntime":
         graph, cfg = load_onnx(args)

@@ -292,7 +292,8 @@ def test_os_errors_are_one_line_and_leave_no_empty_folders(tmp_path, capsys):
         make_output_dir(tmp_path / "a" / "b")
         raise OSError(28, "No space left on device", str(tmp_path / "a" / "b" / "best.pt"))
     line = run_cli_error(main, capsys)
-    assert line == f"error: {tmp_path / 'a' / 'b' / 'best.pt'}: No space left on device"
+    assert line == (f"error: {tmp_path / 'a' / 'b' / 'best.pt'}: No space left on device; free space on the disk that "
+                    f"holds {tmp_path / 'a' / 'b'}, or write the outputs somewhere else")
     assert not (tmp_path / "a").exists()
 
 
