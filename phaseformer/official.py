@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import require_task
-from common.io import (RefusedContent, UserError, load_untrusted, one_line, shown_global,
+from common.io import (RefusedContent, UserError, load_untrusted, one_line, require_file, shown_global,
                        strip_wrapper_prefixes)
 from phaseformer.model import MODEL_NAMES, build_model
 from phaseformer.safe_pickle import InertModule, RefusedGlobal, load_pickled
@@ -111,9 +111,7 @@ def read_weights(path: str | os.PathLike, model: str | None = None) -> tuple[dic
     Errors are one-line UserErrors naming the file: a foreign global (nothing was run), a file of
     another model (which keys differ), an unreadable file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = require_file(path, "checkpoint file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     obj, info = _load_any(path)

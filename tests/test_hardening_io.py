@@ -237,10 +237,10 @@ def test_every_script_gives_the_same_line_for_the_same_bad_file(tmp_path, capsys
         lines = {script: refused(capsys, script, *argv(path)) for script, argv in scripts.items()}
         # phaseformer's allow-list reader has the last word on torch files the shared loader refuses
         if name == "checkpoint naming os.system":
-            assert "names the global posix.system (os.system), which no Phaseformer checkpoint holds; nothing from " \
+            assert "names the global posix.system (os.system), which no Phaseformer or Spectroformer checkpoint holds; nothing from " \
                    "the file was run" in lines.pop("phaseformer.infer") == lines.pop("scripts.convert_phaseformer")
         if name == "legacy protocol 4":  # harmless: it reads the tensors, which are not a Phaseformer's
-            assert "not Phaseformer weights" in lines.pop("phaseformer.infer") == lines.pop("scripts.convert_phaseformer")
+            assert "not Phaseformer (model_with_eca.Restormer) weights" in lines.pop("phaseformer.infer") == lines.pop("scripts.convert_phaseformer")
         assert len(set(lines.values())) == 1, (name, lines)
         for script, line in lines.items():
             assert re.match("error: " + re.escape(str(path)) + ": " + message, line), (script, name, line)
