@@ -89,7 +89,7 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
 
     if model is not None and model not in MODEL_TYPES:
         raise UserError(f"--model {model}: a CRBL model is one of {', '.join(MODEL_TYPES)}")
-    net, stored = load_model(weights, model, f"--model {model}")
+    net, stored, thresholds = load_model(weights, model, f"--model {model}")
     model_type = model or stored
     if model_type is None:
         raise UserError(f"{weights}: converted weights do not say whether they are a crop or a full model: "
@@ -99,5 +99,7 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor]:
         return (torch.rand(batch, 3, *size, generator=g),)
 
-    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES,
-                      metadata(model_type, size, weights), tolerance=1e-5)
+    meta = metadata(model_type, size, weights)
+    if thresholds:   # infer.py --engine onnxruntime --threshold val-f1|val-youden reads them from here
+        meta["val_thresholds"] = {k: thresholds.get(k) for k in ("val_f1", "val_youden", "n_val", "epoch")}
+    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES, meta, tolerance=1e-5)
