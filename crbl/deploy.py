@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from common.device import in_chunks, in_inference_mode
 from common.io import UserError
-from common.onnx import ExportSpec
-from crbl.data import INPUT_SIZE
+from common.onnx import ExportSpec, data_rng, image_batch
+from crbl.data import INPUT_SIZE, _part_image, preprocess_crop, preprocess_full
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
 TASK = "crbl"
@@ -97,7 +97,10 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     size = tuple(size or (INPUT_SIZE, INPUT_SIZE))
 
     def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor]:
-        return (torch.rand(batch, 3, *size, generator=g),)
+        """Built-in parts (normal and defect in turn), preprocessed as infer.py does."""
+        rng = data_rng(g)
+        prep = preprocess_crop if model_type == "crop" else preprocess_full
+        return (image_batch([prep(_part_image(rng, i % 2 == 1)) for i in range(batch)], size),)
 
     meta = metadata(model_type, size, weights)
     if thresholds:   # infer.py --engine onnxruntime --threshold val-f1|val-youden reads them from here
