@@ -179,7 +179,7 @@ def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(run_script, 
         assert torch.equal(trained[f"backbone1.{k}"], b1[k]) and torch.equal(trained[f"backbone2.{k}"], b2[k])
 
 
-def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path):
+def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     res = run_train(run_script, tiny_data, tmp_path / "r1", "crop", "--init", tmp_path / "other.pth")
     assert res.returncode == 2
@@ -200,11 +200,12 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_pa
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "broken.png: unreadable or corrupt image" in res.stderr
     assert not (tmp_path / "p.csv").exists()
-    # converted weights carry no validation thresholds: one line, before any image is read
-    res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "crbl.pth", "--threshold",
-                     "val-f1", bad / "broken.png", "--out", tmp_path / "p.csv", "--device", "cpu")
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
-    assert "crbl.pth: --threshold val-f1: it stores no validation thresholds" in res.stderr
+    # converted weights carry no validation thresholds: one line, before any image is read (in-process)
+    from crbl.infer import main as infer_main
+    from helpers import cli_error
+    msg = cli_error(infer_main, "--model-type", "full", "--weights", tmp_path / "crbl.pth", "--threshold", "val-f1",
+                    bad / "broken.png", "--out", tmp_path / "p.csv", "--device", "cpu", capsys=capsys)
+    assert "crbl.pth: --threshold val-f1: it stores no validation thresholds" in msg
 
 
 def test_batchnorm_calibration_for_random_backbones():
