@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import torch.nn as nn
 import torch.nn.functional as F
 
 from battery_ct.data import SplitDataset, read_split
@@ -309,7 +310,8 @@ def test_hdcnn_with_the_deeplab_recipe():
 def test_late_fusion_with_ce_and_balanced_sampler():
     out, stdout = trained("late_fusion")
     cfg = load_checkpoint(out / "best.pt")["config"]
-    assert cfg["loss"] == "ce" and cfg["balanced_sampler"] is True and cfg["rotation"] == 90.0
+    assert cfg["loss"] == "ce" and cfg["balanced_sampler"] is True
+    assert cfg["rotation"] == 0.0                    # the built-in demo default (the original: 90)
     assert cfg["class_weights"] == "none"          # balanced built-in classes: not the original's 8x resin weight
 
 
@@ -444,3 +446,25 @@ def test_train_rejects_bad_options(tmp_path, capsys, argv, expect):
     msg = cli_error(train_main, *argv, "--out", tmp_path / "run", capsys=capsys)
     assert expect in msg
     assert not (tmp_path / "run").exists()
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_given_batches():
+    """FIX (demo answered one class in eval mode): the moving BatchNorm statistics are re-estimated on
+    training batches, dropout off as at inference; frozen BatchNorms and the modes are kept."""
+    from battery_ct.train import recalibrate_batchnorm
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6), nn.BatchNorm1d(6)).train()
+    frozen = net[3]
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    before = frozen.running_mean.clone()
+    g = torch.Generator().manual_seed(1)
+    batches = [(3 + 2 * torch.randn(8, 4, generator=g),) for _ in range(3)] + [(torch.randn(1, 4),)]
+    seen = recalibrate_batchnorm(net, batches, lambda m, b: m(b[0]))
+    assert seen == 24                                           # the batch of one is skipped
+    with torch.no_grad():
+        h = [net[0](b[0]) for b in batches[:3]]                 # no dropout: the inputs seen at inference
+    torch.testing.assert_close(net[2].running_mean, torch.stack([t.mean(0) for t in h]).mean(0))
+    torch.testing.assert_close(net[2].running_var, torch.stack([t.var(0) for t in h]).mean(0))
+    assert torch.equal(frozen.running_mean, before) and net[2].momentum == 0.1
+    assert net.training and net[1].training and net[2].training
