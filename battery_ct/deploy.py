@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from battery_ct.data import IMAGENET_MEAN, IMAGENET_STD
+from battery_ct.data import IMAGENET_MEAN, IMAGENET_STD, _slice_image
 from battery_ct.model import CLASS_NAMES, MODEL_NAMES, anomaly_score
 from battery_ct.train import TASK, classify
 from common.io import UserError
-from common.onnx import ExportSpec
+from common.onnx import ExportSpec, data_rng, image_batch
 
 SEGMENT_SIZE = 640           # infer.py's default sliding window
 NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tanh": ((0.5,) * 3, (0.5,) * 3)}
@@ -111,11 +111,15 @@ def graph_spec(net: nn.Module, cfg: dict, extra: dict, size: tuple[int, int] | N
     inputs, outputs = names(name)
 
     def make_inputs(batch: int, g: torch.Generator, hw=size) -> tuple[torch.Tensor, ...]:
-        image = torch.rand(batch, 3, *hw, generator=g)
+        """Built-in CT slices of every class in turn (and their metadata), at the graph's input size."""
+        rng = data_rng(g)
+        labels = [i % len(CLASS_NAMES) for i in range(batch)]
+        kinds = [CLASS_NAMES[y].split("_")[0] for y in labels]
+        axes = ["xyz"[int(rng.integers(3))] for _ in labels]
+        image = image_batch([_slice_image(rng, k, y, a, size=max(hw)) for k, y, a in zip(kinds, labels, axes)], hw)
         if name != "late_fusion":
             return (image,)
-        meta = torch.stack([torch.randint(0, 2, (batch,), generator=g),
-                            torch.randint(0, 3, (batch,), generator=g)], 1).float()
+        meta = torch.tensor([[float(k == "module"), float("xyz".index(a))] for k, a in zip(kinds, axes)])
         return image, meta
 
     notes = []

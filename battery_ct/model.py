@@ -411,6 +411,12 @@ class LateFusion(FreezableModel):
             elif isinstance(m, nn.BatchNorm1d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # The original's Kaiming fan_out, nonlinearity relu, is harmless before a BatchNorm but not on the
+        # output layer: nn.Linear's fan_out is its 5 outputs, so the logits start with a std of ~5 and the
+        # first loss is ~7 instead of log(5) = 1.6 (confidently wrong at random). The logits layer gets
+        # the fan_in (LeCun) scale of a linear output instead: std 1/sqrt(128).
+        last = self.classifier[-1]
+        nn.init.normal_(last.weight, std=last.in_features ** -0.5)
 
     def forward_features(self, image):
         return _resnet_trunk(self.backbone, image)

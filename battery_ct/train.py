@@ -61,6 +61,9 @@ MODEL_DEFAULTS = {
     "drn_aspp": (100, 8, 1e-4), "deeplabv3": (50, 8, 1e-3), "ae": (100, 32, 1e-3),
 }
 HEAVY = ("drn_aspp", "deeplabv3")           # demo at 64 px
+DEMO_EPOCHS = {"late_fusion": 10}
+DEMO_LR = {"late_fusion": 1e-3}
+DEMO_PLAIN = ("late_fusion",)
 ROTATION = {"late_fusion": 90.0, "drn_aspp": 90.0, "hdcnn": 90.0}  # others 30
 AE_MSE_WEIGHT, AE_SSIM_WEIGHT = 0.7, 0.3
 
@@ -77,8 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", choices=("focal", "ce"), default=None, help="classifier loss (default focal)")
     p.add_argument("--gamma", type=float_range(0, 100), default=2.0, help="focal loss gamma")
     p.add_argument("--label-smoothing", type=float_range(0, 1, hi_open=True), default=0.1)
-    p.add_argument("--class-weights", default=",".join(map(str, DEFAULT_CLASS_WEIGHTS)),
-                   help="5 comma-separated weights (focal alpha / CE weight / HD-CNN fine CE), or 'none'")
+    p.add_argument("--class-weights", default=None,
+                   help="5 comma-separated weights (focal alpha / CE weight / HD-CNN fine CE), or 'none' (default: the "
+                        f"original's {','.join(map(str, DEFAULT_CLASS_WEIGHTS))}, made for its data's class "
+                        "frequencies; none on the balanced built-in data)")
     p.add_argument("--balanced-sampler", action="store_true",
                    help="draw training images with probability 1/count(class), with replacement")
     p.add_argument("--recipe", choices=("adamw", "deeplab"), default=None,
@@ -143,11 +148,32 @@ def apply_defaults(args, builtin: bool) -> list[str]:
             args.image_size = size
             demo.append(f"image size {size}")
         if args.epochs is None:
-            args.epochs = 2 if args.model in HEAVY else 3
+            # late_fusion, the README's demo, gets the 10 epochs of one cosine cycle it needs to learn the
+            # built-in classes from random weights; the others a quick 3 (2 for the heavy ones)
+            args.epochs = 2 if args.model in HEAVY else DEMO_EPOCHS.get(args.model, 3)
             demo.append(f"{args.epochs} epochs")
+        if args.lr is None and args.model in DEMO_LR and not (args.pretrained or args.init):
+            args.lr = DEMO_LR[args.model]   # the original's 1e-4 fine-tunes ImageNet weights; these start random
+            demo.append(f"lr {args.lr:g}")
+        if args.model in DEMO_PLAIN:
+            # the built-in classes are balanced (the focal loss is made for rare ones) and the slices
+            # need no rotation to tell apart: 10 epochs from random weights go to learning the classes
+            if args.loss is None:
+                args.loss = "ce"
+                demo.append("cross-entropy")
+            if args.rotation is None:
+                args.rotation = 0.0
+                demo.append("no rotation")
         if args.batch_size is None:
             args.batch_size = min(batch, 16)
             demo.append(f"batch size {args.batch_size}")
+        if args.class_weights is None and args.model != "ae":
+            # the original's weights (8x for resin overflow) counter the rarity of its classes; on these
+            # balanced classes they would make the model answer resin_overflow for every normal module
+            args.class_weights = "none"
+            demo.append("no class weights (balanced classes)")
+    if args.class_weights is None:
+        args.class_weights = ",".join(map(str, DEFAULT_CLASS_WEIGHTS))
     args.image_size = 512 if args.image_size is None else args.image_size
     args.epochs = epochs if args.epochs is None else args.epochs
     args.batch_size = batch if args.batch_size is None else args.batch_size
@@ -364,6 +390,13 @@ def main(argv=None):
     criterion = None if ae else make_criterion(args, weights).to(run.device)
     steps_per_epoch = math.ceil(len(loader) / args.accum_steps)
 
+    # from random weights, the BatchNorm moving averages lag behind the weights: re-estimate them on the
+    # training images before each validation (and so in every checkpoint); see recalibrate_batchnorm
+    precise_bn = args.model == "late_fusion" and not (args.pretrained or args.init)
+    if precise_bn and main_rank:
+        print("random weights: BatchNorm statistics are re-estimated on the training images before each "
+              "validation (precise BN)")
+
     def loss_fn(m, batch):
         x, meta, y = batch
         if ae:
@@ -383,6 +416,9 @@ def main(argv=None):
             mse, s = all_gather_cat(mses, run.info), all_gather_cat(ssims, run.info)
             loss = AE_MSE_WEIGHT * mse.mean() + AE_SSIM_WEIGHT * (1.0 - s.mean())
             return {"val_loss": float(loss), "val_mse": float(mse.mean()), "val_ssim": float(s.mean())}
+        if precise_bn:
+            recalibrate_batchnorm(m, loader, lambda net, b: net(b[0].to(run.device, non_blocking=True),
+                                                                 b[1].to(run.device)))
         probs, preds, ys = [], [], []
         for x, meta, y in val_loader:
             p, pred, _ = classify(m, args.model, x.to(run.device, non_blocking=True), meta.to(run.device))
@@ -393,7 +429,12 @@ def main(argv=None):
         pred = all_gather_cat(preds, run.info)
         y = all_gather_cat(ys, run.info)
         r = classification_report(y, pred, len(CLASS_NAMES))
-        return {"val_loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), y)), "val_acc": r["accuracy"],
+        log_p = probs.clamp_min(1e-12).log()
+        nll = float(F.nll_loss(log_p, y))
+        # val_loss is the training loss on the validation images (log-probabilities are logits up to a
+        # constant per row), so the two curves compare; HD-CNN's two-level loss needs the raw heads: NLL
+        val_loss = nll if args.model == "hdcnn" else float(criterion(log_p.to(run.device), y.to(run.device)))
+        return {"val_loss": val_loss, "val_nll": nll, "val_acc": r["accuracy"],
                 "val_f1_macro": r["f1_macro"], "val_f1_weighted": r["f1_weighted"],
                 "val_auc": roc_auc_ovr(y, probs)}
 
@@ -460,6 +501,12 @@ def main(argv=None):
 
     if ae and main_rank:
         calibrate_threshold(args, val_items, val_split, final / "best.pt", run.device)
+    if main_rank and not ae:
+        test_split = val_split.parent / "test.txt" if args.train_split is None else None
+        splits = {"val": val_items}
+        if test_split is not None and test_split.is_file():
+            splits["test"] = read_split(test_split, args.root)
+        print_summary(args, final / "best.pt", train_items, splits, run.device)
     if main_rank:
         weights_path = final / "best.pt"
         print(f"outputs in {run.out_dir}: best.pt, last.pt, log.csv, loss_curve.png"
@@ -469,6 +516,78 @@ def main(argv=None):
         print(f"evaluate: python battery_ct/infer.py --weights {weights_path} {test_hint}".rstrip())
     cleanup(run.info)
     return final
+
+
+# ---------------------------------------------------------------- summary
+def recalibrate_batchnorm(model: nn.Module, batches, forward) -> int:
+    """Set the moving statistics of every trainable BatchNorm to the mean / variance of its inputs
+    over `batches` (cumulative, the model otherwise in eval mode: dropout off, as at inference);
+    returns the number of images seen. Why: from random weights at lr 1e-3 the weights move faster
+    than the moving averages (momentum 0.1, ~10 steps an epoch on the built-in data) follow, and the
+    eval-mode network answered one class for every image (val accuracy 0.2 for 5 epochs) while the
+    same weights with statistics re-estimated on the training images scored 0.67. Frozen layers
+    (requires_grad False) keep their statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and all(p.requires_grad for p in m.parameters())]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the batches
+        m.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            if len(batch[0]) > 1:  # a batch of one has no variance (BatchNorm1d refuses it)
+                forward(model, batch)
+                seen += len(batch[0])
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    model.train(was_training)
+    return seen
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, args, items, device: torch.device) -> torch.Tensor:
+    ds = SplitDataset(items, args.image_size, with_meta=args.model == "late_fusion", normalize="imagenet")
+    model.eval()
+    preds = []
+    for x, meta, _ in eval_loader(ds, args.batch_size, workers=args.workers, info=DistInfo()):
+        preds.append(classify(model, args.model, x.to(device), meta.to(device))[1].cpu())
+    return torch.cat(preds)
+
+
+def print_summary(args, best: Path, train_items, splits: dict, device: torch.device) -> dict:
+    """best.pt's accuracy and F1-macro on each split next to always answering the training set's
+    majority class, and the per-class F1 of both; returns the numbers."""
+    if not best.is_file():
+        print(f"no {best}: no epoch improved {args.model}'s validation score")
+        return {}
+    ckpt = load_checkpoint(best)
+    model = build_model(args.model, dropout=args.dropout)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    majority = max(range(len(CLASS_NAMES)), key=lambda c: (class_counts(train_items)[c], -c))
+    print(f"summary: {best} (epoch {ckpt['epoch']}, chosen by val_f1_macro) against always answering the training "
+          f"set's majority class ({CLASS_NAMES[majority]}):")
+    print(f"  {'split':<6} {'images':>6} {'accuracy':>9} {'F1-macro':>9} {'baseline acc':>13} {'baseline F1':>12}")
+    out = {}
+    for name, items in splits.items():
+        y = torch.tensor([label for _, label in items])
+        r = classification_report(y, predict_split(model, args, items, device), len(CLASS_NAMES))
+        b = classification_report(y, torch.full_like(y, majority), len(CLASS_NAMES))
+        out[name] = {"model": r, "baseline": b}
+        print(f"  {name:<6} {len(items):>6} {r['accuracy']:>9.3f} {r['f1_macro']:>9.3f} {b['accuracy']:>13.3f} "
+              f"{b['f1_macro']:>12.3f}")
+    last = list(splits)[-1]
+    r, b = out[last]["model"], out[last]["baseline"]
+    print(f"  per-class F1 on {last} (baseline): " + ", ".join(
+        f"{n} {f:.2f} ({fb:.2f})" for n, f, fb in zip(CLASS_NAMES, r["per_class"]["f1"], b["per_class"]["f1"])))
+    return out
 
 
 # ---------------------------------------------------------------- AE threshold

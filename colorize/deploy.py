@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from colorize.data import TASK
+from colorize.data import TASK, _damage, _scene, gray_u8
 from colorize.model import MODEL_NAMES
 from common.io import UserError
-from common.onnx import ExportSpec
+from common.onnx import ExportSpec, data_rng, image_batch
 
 INPUT_NAMES = ["image"]
 OUTPUT_NAMES = ["restored"]
@@ -85,7 +86,10 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     check_size(info["model"], size, f"--size {size[0]} {size[1]}")
 
     def make_inputs(batch: int, g: torch.Generator, hw: tuple[int, int] = size) -> tuple[torch.Tensor]:
-        return (torch.rand(batch, 3, *hw, generator=g),)
+        """Damaged grayscale scenes of the built-in generator, as infer.py feeds them (RGB, resized)."""
+        rng = data_rng(g)
+        gray = [_damage(rng, gray_u8(_scene(rng, max(hw)))) for _ in range(batch)]
+        return (image_batch([np.repeat(a[..., None], 3, 2) for a in gray], hw),)
 
     notes.append("the graph takes images already resized to the model size and returns them at that size; "
                  "infer.py resizes to and from each image's own size (the file's metadata says how)")

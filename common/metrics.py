@@ -133,3 +133,33 @@ def pearson(x: torch.Tensor, y: torch.Tensor, dim: int = -1, eps: float = 1e-8) 
     x = x - x.mean(dim, keepdim=True)
     y = y - y.mean(dim, keepdim=True)
     return (x * y).sum(dim) / (x.pow(2).sum(dim).sqrt() * y.pow(2).sum(dim).sqrt() + eps)
+
+
+def best_threshold(y_true, scores, criterion: str = "f1") -> tuple[float, float]:
+    """(threshold, value) of the cut of `scores` that maximises `criterion`: 'f1' (F1 of the positive
+    class) or 'youden' (J = TPR - FPR). The threshold lies halfway between two adjacent distinct
+    scores (below the lowest one when flagging everything is best: at 3/4 of it for positive scores),
+    so `score > threshold` and `score >= threshold` make the same decisions. Ties go to the highest threshold. nan when one
+    class is absent."""
+    if criterion not in ("f1", "youden"):
+        raise ValueError("criterion must be 'f1' or 'youden'")
+    y, s = _np(y_true).astype(bool).ravel(), _np(scores).astype(np.float64).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    fpr, tpr, thr = roc_curve(y, s)          # cut k flags the scores >= thr[k]; thr[0] = inf flags none
+    tp = tpr[1:] * n_pos
+    if criterion == "f1":
+        value = 2 * tp / (tp + fpr[1:] * n_neg + n_pos)
+    else:
+        value = tpr[1:] - fpr[1:]
+    k = int(np.argmax(value))
+    flagged = thr[1:]                        # distinct scores, descending
+    if k + 1 < len(flagged):
+        below = flagged[k + 1]
+    else:                                    # everything flagged: a cut under the lowest score
+        below = flagged[k] / 2.0 if flagged[k] > 0 else flagged[k] - 1.0
+    cut = (flagged[k] + below) / 2.0
+    if not below < cut < flagged[k]:         # adjacent floats: no number between them; `score > cut` holds
+        cut = below
+    return float(cut), float(value[k])

@@ -35,14 +35,17 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for `arch`: from the hub cache, else downloaded into it."""
     path, url = imagenet_weights_path(arch), ARCHS[arch][1].url
     if not path.is_file():
+        print(f"downloading {arch.upper()} ImageNet weights {url} -> {path}", flush=True)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no hub cache yet
+            # torch writes its temporary file next to the destination: the folder must exist first
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: all mean "not available"
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
             raise WeightsUnavailable(
                 f"{arch.upper()} ImageNet weights unavailable: {path.name} could not be downloaded from {url} "
-                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
-                f"download it elsewhere and put it at {path} (or set TORCH_HOME)") from None
+                f"({type(e).__name__}: {detail}); download it elsewhere and put it at {path} (or set TORCH_HOME), "
+                f"or train without the VGG term (colorize: --perceptual 0; phaseformer: --perceptual none)") from None
     return load_untrusted(path)
 
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from common.device import in_chunks, in_inference_mode
 from common.io import UserError
-from common.onnx import ExportSpec
-from crbl.data import INPUT_SIZE
+from common.onnx import ExportSpec, data_rng, image_batch
+from crbl.data import INPUT_SIZE, _part_image, preprocess_crop, preprocess_full
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
 TASK = "crbl"
@@ -89,7 +89,7 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
 
     if model is not None and model not in MODEL_TYPES:
         raise UserError(f"--model {model}: a CRBL model is one of {', '.join(MODEL_TYPES)}")
-    net, stored = load_model(weights, model, f"--model {model}")
+    net, stored, thresholds = load_model(weights, model, f"--model {model}")
     model_type = model or stored
     if model_type is None:
         raise UserError(f"{weights}: converted weights do not say whether they are a crop or a full model: "
@@ -97,7 +97,12 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     size = tuple(size or (INPUT_SIZE, INPUT_SIZE))
 
     def make_inputs(batch: int, g: torch.Generator) -> tuple[torch.Tensor]:
-        return (torch.rand(batch, 3, *size, generator=g),)
+        """Built-in parts (normal and defect in turn), preprocessed as infer.py does."""
+        rng = data_rng(g)
+        prep = preprocess_crop if model_type == "crop" else preprocess_full
+        return (image_batch([prep(_part_image(rng, i % 2 == 1)) for i in range(batch)], size),)
 
-    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES,
-                      metadata(model_type, size, weights), tolerance=1e-5)
+    meta = metadata(model_type, size, weights)
+    if thresholds:   # infer.py --engine onnxruntime --threshold val-f1|val-youden reads them from here
+        meta["val_thresholds"] = {k: thresholds.get(k) for k in ("val_f1", "val_youden", "n_val", "epoch")}
+    return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES, meta, tolerance=1e-5)

@@ -5,6 +5,9 @@
   python crbl/train.py --model-type crop --data DIR --backbone-weights imagenet.pth noisy_student.pth
 
 DIR holds train.csv and val.csv (`image_path,impurity`, paths relative to the CSV).
+Every epoch scores the validation set at the decision threshold (--threshold, default the original's
+0.01 crop / 0.5 full) and finds the thresholds that maximise F1 and Youden's J on it; best.pt and
+last.pt store both (extra['thresholds']) for `infer.py --threshold val-f1|val-youden`.
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from common import cli
 from common.cli import add_common_args, float_range, setup_run
 from common.data import ensure_builtin, eval_loader, train_loader
-from common.checkpoint import require_task, unwrap
+from common.checkpoint import load_checkpoint, require_task, unwrap
 from common.distributed import all_gather_cat, cleanup, wrap_model
 from common.io import UserError, load_state_strict, load_untrusted, load_weights_into, run_cli, state_dict_from
-from common.metrics import classification_report, roc_auc
+from common.metrics import best_threshold, classification_report, roc_auc
 from common.trainer import Trainer
 from crbl.data import BUILTIN_VERSION, CRBLDataset, make_builtin_dataset, read_labels
 from crbl.model import DEFAULT_THRESHOLDS, MODEL_TYPES, build_model
@@ -128,6 +131,60 @@ def calibrate_batchnorm(model, loader, device, max_batches: int = 8) -> int:
     return seen
 
 
+def binary_metrics(y: torch.Tensor, flags: torch.Tensor) -> dict:
+    """accuracy, precision / recall / F1 of the defect class, fraction flagged."""
+    r = classification_report(y.long(), flags.long(), 2)
+    return {"accuracy": r["accuracy"], "precision": float(r["per_class"]["precision"][1]),
+            "recall": float(r["per_class"]["recall"][1]), "f1": float(r["per_class"]["f1"][1]),
+            "flagged": float(flags.float().mean())}
+
+
+def validation_thresholds(y: torch.Tensor, prob: torch.Tensor, default: float, majority: int) -> dict:
+    """The thresholds maximising F1 and Youden's J on these validation probabilities (defect if
+    probability > threshold), and the metrics at the default threshold, at each of them and of the
+    baseline that always answers the training set's majority class. A threshold is nan when the
+    validation set lacks one of the classes."""
+    out = {"default": default, "n_val": len(y), "roc_auc": roc_auc(y, prob), "majority": majority,
+           "metrics": {"majority": binary_metrics(y, torch.full_like(y, majority, dtype=torch.bool))}}
+    for name, criterion in (("val_f1", "f1"), ("val_youden", "youden")):
+        out[name] = best_threshold(y, prob, criterion)[0]
+    for name in ("default", "val_f1", "val_youden"):
+        t = out[name]
+        out["metrics"][name] = binary_metrics(y, prob > t) if t == t else None
+    return out
+
+
+def print_summary(out_dir: Path, threshold: float, n_val: int) -> None:
+    """The best epoch's validation metrics at the default and the val-F1 threshold, next to the
+    majority-class baseline, and where the outputs are."""
+    best_path = out_dir / "best.pt"
+    if not best_path.is_file():
+        print(f"no best.pt in {out_dir}: no validation score improved")
+        return
+    ckpt = load_checkpoint(best_path)
+    t = ckpt["extra"].get("thresholds") or {}
+    if not t:
+        print(f"{best_path}: no validation thresholds stored (a checkpoint from an older version)")
+        return
+    print(f"summary, validation set ({n_val} images) at best.pt (epoch {ckpt['epoch']}), ROC-AUC "
+          f"{t['roc_auc']:.3f} (0.5 = chance):")
+    print(f"  {'decision':<34} {'accuracy':>8} {'precision':>9} {'recall':>6} {'F1':>6} {'flagged':>7}")
+    rows = [(f"probability > {threshold:g} (default)", t["metrics"]["default"])]
+    if t["metrics"]["val_f1"] is not None:
+        rows.append((f"probability > {t['val_f1']:.4g} (val-f1)", t["metrics"]["val_f1"]))
+        rows.append((f"probability > {t['val_youden']:.4g} (val-youden)", t["metrics"]["val_youden"]))
+    rows.append((f"majority class ({'defect' if t['majority'] else 'normal'}) always", t["metrics"]["majority"]))
+    for name, m in rows:
+        print(f"  {name:<34} {m['accuracy']:>8.3f} {m['precision']:>9.3f} {m['recall']:>6.3f} {m['f1']:>6.3f} "
+              f"{m['flagged']:>7.1%}")
+    if t["metrics"]["val_f1"] is not None:
+        print("  (the val thresholds were chosen on these same images, so their scores are optimistic; "
+              "judge them on other labelled images with crbl/infer.py)")
+    print(f"outputs in {out_dir}: best.pt and last.pt (weights + the val thresholds), log.csv, loss_curve.png")
+    print(f"use: python crbl/infer.py --weights {best_path} --threshold val-f1 IMAGES...   "
+          f"(or --threshold val-youden, or a number; default {threshold:g})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.epochs is None:  # the original's 30, or a one-minute demo on the built-in data
@@ -162,6 +219,9 @@ def main(argv=None):
         x, y = batch
         return bce_loss(m(x).squeeze(1), y, weights, args.label_smoothing)
 
+    thresholds: dict = {}    # of the latest validation; saved with every checkpoint (extra_state)
+    majority = int(torch.bincount(train_set.labels.long(), minlength=2).argmax())   # ties: normal
+
     def evaluate(m):
         logits, labels = [], []
         for x, y in val_loader:
@@ -170,10 +230,13 @@ def main(argv=None):
         logits = all_gather_cat(logits, run.info)
         y = all_gather_cat(labels, run.info)
         prob = torch.sigmoid(logits)
-        report = classification_report(y.long(), (prob > threshold).long(), 2)
-        return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)),
-                "val_acc": report["accuracy"], "val_f1": float(report["per_class"]["f1"][1]),
-                "val_auc": roc_auc(y, prob), "val_flagged": float((prob > threshold).float().mean())}
+        thresholds.clear()
+        thresholds.update(validation_thresholds(y, prob, threshold, majority))
+        at_default, at_f1 = thresholds["metrics"]["default"], thresholds["metrics"]["val_f1"]
+        return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, y)), "val_auc": roc_auc(y, prob),
+                "val_acc": at_default["accuracy"], "val_f1": at_default["f1"], "val_flagged": at_default["flagged"],
+                "val_thr_f1": thresholds["val_f1"], "val_acc_thr_f1": at_f1["accuracy"],
+                "val_f1_thr_f1": at_f1["f1"], "val_thr_youden": thresholds["val_youden"]}
 
     if args.resume is None and not (args.init or args.backbone_weights):
         n = calibrate_batchnorm(unwrap(model), loader, run.device)
@@ -186,20 +249,10 @@ def main(argv=None):
                       patience=args.patience, amp_dtype=run.amp_dtype, accum_steps=args.accum_steps,
                       clip_grad=args.clip_grad, channels_last=args.channels_last, save_every=args.save_every,
                       seed=args.seed, config={**vars(args), "task": "crbl", "decision_threshold": threshold},
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, extra_state=lambda: {"thresholds": dict(thresholds)})
     result = trainer.fit(resume=args.resume)
     if run.info.is_main:
-        best = result["history"][result["best_epoch"] - 1] if result["best_epoch"] else {}
-        if best:
-            print(f"best epoch {result['best_epoch']}: val_loss={best['val_loss']:.4f} "
-                  f"acc={best['val_acc']:.3f} f1={best['val_f1']:.3f} auc={best['val_auc']:.3f} "
-                  f"(threshold {threshold})")
-            if best["val_flagged"] in (0.0, 1.0):
-                which = "every" if best["val_flagged"] == 1.0 else "no"
-                print(f"note: at threshold {threshold} {which} validation image is flagged; the ROC-AUC shows "
-                      f"how well the model ranks them (set --threshold to score at another cut)")
-        print(f"weights: {run.out_dir / 'best.pt'}  ->  python crbl/infer.py --model-type {args.model_type} "
-              f"--weights {run.out_dir / 'best.pt'} IMAGES...")
+        print_summary(run.out_dir, threshold, len(val_set))
     cleanup(run.info)
     return result
 

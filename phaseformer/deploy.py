@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from common.io import UserError
-from common.onnx import ExportSpec
+from common.onnx import ExportSpec, data_rng, image_batch
+from phaseformer.data import clean_scene, underwater
 from phaseformer.model import DOWNSAMPLE_FACTOR, MODEL_NAMES
 
 TASK = "phaseformer"
@@ -100,7 +101,9 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
 def graph_spec(net: nn.Module, head: str, size: tuple[int, int], weights: Path, kind: str = "random") -> ExportSpec:
     """The export of a loaded model (eval mode)."""
     def make_inputs(batch: int, g: torch.Generator, hw: tuple[int, int] = size) -> tuple[torch.Tensor]:
-        return (torch.rand(batch, 3, *hw, generator=g),)
+        """Underwater scenes of the built-in generator (degraded inputs), at the graph's input size."""
+        rng = data_rng(g)
+        return (image_batch([underwater(*clean_scene(rng, max(hw)), rng) for _ in range(batch)], hw),)
 
     notes = ["the graph takes images (or tiles) whose sides are multiples of 8; phaseformer/infer.py pads, tiles "
              "and blends as its PyTorch engine does (the file's metadata says how)"]

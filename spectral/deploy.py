@@ -20,13 +20,14 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from common.device import autocast, in_chunks, on_batch_halves
 from common.io import UserError
-from common.onnx import ExportSpec
-from spectral.data import CELL_LAYOUT, STRUCT_SHAPE, wavelengths_nm
+from common.onnx import ExportSpec, data_rng
+from spectral.data import CELL_LAYOUT, STRUCT_SHAPE, random_structures, wavelengths_nm
 from spectral.model import MODEL_NAMES, SPATIAL_TOKENS
 
 TASK = "spectral"
@@ -117,7 +118,10 @@ def graph_spec(net: nn.Module, cfg: dict, size: tuple[int, int] | None, weights:
                         f"(enforce_diag_sym), so it takes square structures only")
 
     def make_inputs(batch: int, g: torch.Generator, hw=size) -> tuple[torch.Tensor]:
-        return (torch.randint(0, 2, (batch, 1, *hw), generator=g).float(),)
+        """Structures of the built-in generator (periodic patterns of ~10 px features, not pixel noise),
+        cut to hw where it differs from the generator's square."""
+        s = random_structures(batch, data_rng(g), size=max(hw))
+        return (torch.from_numpy(s[:, :, :hw[0], :hw[1]].astype(np.float32)),)
 
     notes = []
     if size != INPUT_SIZE:

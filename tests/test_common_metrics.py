@@ -98,3 +98,44 @@ def test_pearson_matches_numpy():
     b = b + a
     ref = [np.corrcoef(a[i].numpy(), b[i].numpy())[0, 1] for i in range(4)]
     np.testing.assert_allclose(M.pearson(a, b).numpy(), ref, rtol=1e-5)
+
+
+def test_best_threshold_hand_computed():
+    """Scores 0.9 0.8 0.7 0.6 0.2 0.1, labels 1 0 1 1 0 0 (P=3, N=3).
+    Flag > 0.65 (0.9 0.8 0.7): tp 2 fp 1 -> F1 = 4/6 = 0.667, J = 2/3 - 1/3 = 0.333
+    Flag > 0.4 (the top four): tp 3 fp 1 -> F1 = 6/7 = 0.857, J = 1 - 1/3 = 0.667 (best of both)
+    Flag > 0.85 (0.9 only): F1 = 2/4 = 0.5; flag everything: F1 = 6/9 = 0.667, J = 0."""
+    y, s = [1, 0, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.2, 0.1]
+    thr, f1 = M.best_threshold(y, s, "f1")
+    assert thr == pytest.approx(0.4) and f1 == pytest.approx(6 / 7)
+    thr, j = M.best_threshold(y, s, "youden")
+    assert thr == pytest.approx(0.4) and j == pytest.approx(2 / 3)
+    # all positives at the lowest scores: flagging everything is best; the cut lies under the lowest score
+    thr, f1 = M.best_threshold([0, 1, 1], [0.5, 0.2, 0.2], "f1")
+    assert thr == pytest.approx(0.15) and f1 == pytest.approx(0.8)
+    assert all(math.isnan(v) for v in M.best_threshold([1, 1], [0.3, 0.4]))
+    with pytest.raises(ValueError):
+        M.best_threshold(y, s, "accuracy")
+
+
+def test_best_threshold_matches_brute_force_over_every_cut():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(5, 40))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = np.round(rng.random(n) * 0.2 + 0.3 * y * rng.random(n), 2)   # ties included
+        cuts = np.unique(np.r_[s, (s[:, None] + s[None, :]).ravel() / 2, s.min() / 2])
+        f1s, js = [], []
+        for c in cuts:
+            r = M.classification_report(y, (s > c).astype(int), 2)
+            f1s.append(r["per_class"]["f1"][1])
+            js.append(r["per_class"]["recall"][1] - (1 - r["per_class"]["recall"][0]))
+        for criterion, values in (("f1", f1s), ("youden", js)):
+            thr, value = M.best_threshold(y, s, criterion)
+            assert value == pytest.approx(max(values)), (trial, criterion)
+            r = M.classification_report(y, (s > thr).astype(int), 2)
+            got = r["per_class"]["f1"][1] if criterion == "f1" else \
+                r["per_class"]["recall"][1] - (1 - r["per_class"]["recall"][0])
+            assert got == pytest.approx(value)
+            assert np.array_equal(s > thr, s >= thr)           # the cut never sits on a score

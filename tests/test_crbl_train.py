@@ -96,6 +96,14 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
         ckpt = torch.load(tmp_path / model_type / "best.pt", weights_only=True)
         assert ckpt["config"]["model_type"] == model_type
         assert ckpt["config"]["decision_threshold"] == {"crop": 0.01, "full": 0.5}[model_type]
+        last = torch.load(tmp_path / model_type / "last.pt", weights_only=True)
+        for c in (ckpt, last):   # both files carry the validation thresholds, the log shows them
+            t = c["extra"]["thresholds"]
+            assert t["default"] == ckpt["config"]["decision_threshold"] and t["n_val"] == 4
+            assert 0 < t["val_f1"] < 1 and 0 < t["val_youden"] < 1
+            assert float(log[0]["val_thr_f1"]) == pytest.approx(t["val_f1"], rel=1e-3)
+        assert {"val_acc_thr_f1", "val_f1_thr_f1", "val_thr_youden"} <= set(log[0])
+        assert "majority class (normal) always" in res.stdout and "(val-f1)" in res.stdout
 
     out = tmp_path / "preds.csv"
     res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "full" / "best.pt",
@@ -107,6 +115,22 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
     for r in preds:
         p = float(r["probability"])
         assert 0.0 <= p <= 1.0 and r["decision"] == ("defect" if p > 0.5 else "normal")
+    assert "threshold: defect if probability > 0.5 (the default for a full model" in res.stdout
+
+    # --threshold val-f1: the threshold stored in best.pt, which is the F1-optimal cut of these val scores
+    from common.metrics import best_threshold
+    stored = torch.load(tmp_path / "full" / "best.pt", weights_only=True)["extra"]["thresholds"]
+    labels = {r["image_path"]: int(r["impurity"]) for r in rows(tiny_data / "val.csv")}
+    y = [labels[str(Path(r["path"]).relative_to(tiny_data))] for r in preds]
+    expected_thr = best_threshold(y, [float(r["probability"]) for r in preds], "f1")[0]
+    assert stored["val_f1"] == pytest.approx(expected_thr, rel=1e-4)
+    out_f1 = tmp_path / "preds_f1.csv"
+    res = run_script("crbl/infer.py", "--weights", tmp_path / "full" / "best.pt", "--threshold", "val-f1",
+                     tiny_data / "val.csv", "--out", out_f1, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"probability > {stored['val_f1']:.4g} (val-f1: maximised F1 on the training run's 4 validation" in res.stdout
+    for r in rows(out_f1):
+        assert r["decision"] == ("defect" if float(r["probability"]) > stored["val_f1"] else "normal")
     # same weights through the API give the same probabilities
     model = CRBL()
     model.load_state_dict(torch.load(tmp_path / "full" / "best.pt", weights_only=True)["model"])
@@ -118,11 +142,13 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
 
     combined = tmp_path / "combined.csv"
     res = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
-                     tiny_data / "images", "--out", combined, "--device", "cpu")
+                     tiny_data / "images", "--out", combined, "--device", "cpu", "--crop-threshold", "val-youden")
     assert res.returncode == 0, res.stderr[-2000:]
-    for r in rows(combined):
-        flagged = float(r["prob_crop"]) > 0.01 or float(r["prob_full"]) > 0.5
+    t_crop = torch.load(tmp_path / "crop" / "best.pt", weights_only=True)["extra"]["thresholds"]["val_youden"]
+    for r in rows(combined):   # each model's own threshold: the crop one stored, the full one the default
+        flagged = float(r["prob_crop"]) > t_crop or float(r["prob_full"]) > 0.5
         assert r["decision"] == ("defect" if flagged else "normal")
+    assert f"defect if crop > {t_crop:.4g} or full > 0.5" in res.stdout
     again = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
                        tiny_data / "images", "--out", combined, "--device", "cpu")
     assert again.returncode != 0 and "already exists" in again.stderr  # never overwritten silently
@@ -153,7 +179,7 @@ def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(run_script, 
         assert torch.equal(trained[f"backbone1.{k}"], b1[k]) and torch.equal(trained[f"backbone2.{k}"], b2[k])
 
 
-def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path):
+def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     res = run_train(run_script, tiny_data, tmp_path / "r1", "crop", "--init", tmp_path / "other.pth")
     assert res.returncode == 2
@@ -174,6 +200,12 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_pa
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "broken.png: unreadable or corrupt image" in res.stderr
     assert not (tmp_path / "p.csv").exists()
+    # converted weights carry no validation thresholds: one line, before any image is read (in-process)
+    from crbl.infer import main as infer_main
+    from helpers import cli_error
+    msg = cli_error(infer_main, "--model-type", "full", "--weights", tmp_path / "crbl.pth", "--threshold", "val-f1",
+                    bad / "broken.png", "--out", tmp_path / "p.csv", "--device", "cpu", capsys=capsys)
+    assert "crbl.pth: --threshold val-f1: it stores no validation thresholds" in msg
 
 
 def test_batchnorm_calibration_for_random_backbones():
