@@ -293,21 +293,22 @@ def main(argv=None):
                       progress=not args.no_progress, nonfinite="skip")
     result = trainer.fit(resume=args.resume)
     if main_rank and result["best_epoch"]:
-        print(summary(result, run.out_dir, Path(data_dir), args.data is None, args.sample_every))
+        print(summary(result, run.out_dir, Path(data_dir), args.data is None, args.sample_every, args.model))
     cleanup(run.info)
     return result
 
 
-def summary(result: dict, out_dir: Path, data_dir: Path, builtin: bool, sample_every: int) -> str:
+def summary(result: dict, out_dir: Path, data_dir: Path, builtin: bool, sample_every: int,
+            model: str = "phaseformer") -> str:
     history = result["history"]
     best = history[result["best_epoch"] - 1]
     skipped = sum(int(r.get("skipped_steps", 0)) for r in history)
     val_inputs = f"{data_dir / 'input'}/" if builtin else "IMAGES..."
-    notes = [f"val_psnr_2x {best['val_psnr_2x']:.2f} dB (the 2x head)"]
+    notes = [f"val_psnr_2x {best['val_psnr_2x']:.2f} dB (the 2x head)"] if "val_psnr_2x" in best else []
     if skipped:
         notes.append(f"{skipped} update(s) skipped for non-finite losses")
     return format_summary(
-        f"phaseformer, best.pt = epoch {best['epoch']} of {len(history)} (highest val_psnr)",
+        f"{model}, best.pt = epoch {best['epoch']} of {len(history)} (highest val_psnr)",
         [Metric("val_psnr", best["val_psnr"], best["val_psnr_input"], higher_is_better=True, unit=" dB"),
          Metric("val_ssim", best["val_ssim"], best["val_ssim_input"], higher_is_better=True)],
         "the degraded input itself, returned unrestored", out_dir,

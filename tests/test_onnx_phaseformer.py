@@ -201,10 +201,10 @@ def test_refusals_in_one_line_and_nothing_written(files, tmp_path, capsys):
         return str(e.value)
 
     assert "multiples of 8" in refused("--size", 36, 40)
-    assert "has one model, phaseformer" in refused("--model", "unet")
+    assert "the phaseformer task's models are phaseformer, spectroformer" in refused("--model", "unet")
     other = tmp_path / "other.pth"
     torch.save(nn.Linear(2, 2).state_dict(), other)
-    with pytest.raises(UserError, match="other.pth: not Phaseformer weights"):
+    with pytest.raises(UserError, match=r"other.pth: not Phaseformer \(model_with_eca.Restormer\) weights"):
         export_main(["--task", "phaseformer", "--weights", str(other), "--out", str(out)])
     with pytest.raises(UserError, match="--head: --task colorize has one output head"):
         export_main(["--task", "colorize", "--weights", str(other), "--out", str(out), "--head", "2x"])
