@@ -66,8 +66,8 @@ def cam_maps(cam, x: torch.Tensor, classes: list[int] | None = None) -> np.ndarr
     image i (None: output 0, a single-logit model's defect logit)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     targets = [ClassifierOutputTarget(int(c)) for c in (classes if classes is not None else [0] * len(x))]
-    with torch.enable_grad():
-        maps = cam(input_tensor=x, targets=targets)
+    with torch.enable_grad():   # the input carries the graph: frozen weights need no gradients of their own
+        maps = cam(input_tensor=x.detach().requires_grad_(True), targets=targets)
     cam.outputs = None    # the package keeps the last outputs (and their graph) alive otherwise
     return np.nan_to_num(np.asarray(maps, np.float32))
 

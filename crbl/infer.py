@@ -4,6 +4,7 @@
   python crbl/infer.py --model-type full --weights converted_full.pth labels.csv
   python crbl/infer.py --combined CROP.pt FULL.pt images/      # defect if crop > 0.01 or full > 0.5
   python crbl/infer.py --engine onnxruntime --onnx crbl_crop.onnx images/     # scripts/export_onnx.py
+  python crbl/infer.py --weights best.pt val.csv --out review/preds.csv --explain --report   # maps + review page
   python crbl/infer.py --engine onnxruntime --combined crop.onnx full.onnx --providers DmlExecutionProvider,CPUExecutionProvider images/
 
 Inputs are image files, folders (every .png/.jpg/.bmp/.tif inside), or CSVs with an image_path
@@ -30,11 +31,13 @@ from common.cli import (POSITIVE_INT, ArgumentParser, add_max_pixels_arg, add_th
                         float_range)
 from common.data import list_images
 from common.device import cpu_streams, select_device
+from common.explain import add_explain_args
 from common.io import UserError, atomic_write_text, check_output_file, load_weights_into, run_cli
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
 from crbl.deploy import TASK, CRBLProbability
+from crbl.explain import Review
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
 PROBABILITY = float_range(0, 1, lo_open=True)
@@ -108,6 +111,7 @@ def main(argv=None):
     add_threads_arg(p)
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
+    add_explain_args(p)
     args = p.parse_args(argv)
     if args.engine is None:
         args.engine = "onnxruntime" if args.onnx is not None else "torch"
@@ -129,6 +133,7 @@ def main(argv=None):
                             args.overwrite)
 
     paths, labels = collect_inputs(args.inputs)
+    review = Review(args, paths, labels, out.parent)    # --explain / --masks / --report: checked before any work
     if ort:
         def load(path, expected, role):
             return load_onnx(path, expected, role, args.providers, args.threads)
@@ -180,6 +185,9 @@ def main(argv=None):
         print(f"labels found: accuracy={r['accuracy']:.4f} f1={r['per_class']['f1'][1]:.4f} "
               f"roc_auc={roc_auc(y, score):.4f}")
     print(f"predictions written to {out}")
+    if review.active:
+        nets = {} if ort else {"crop": crop_m.model, "full": full_m.model} if args.combined else {args.model_type: model.model}
+        review.finish(nets, device, score, flags, header, rows)
 
 
 if __name__ == "__main__":
