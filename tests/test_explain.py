@@ -1,6 +1,8 @@
 """Explain and review: masks in the built-in data, maps, localisation metrics, the review page."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,4 +207,56 @@ def test_crbl_bad_explain_input_is_one_clear_line(crbl_review, capsys, tmp_path)
     line = run_cli_main(main, ["--engine", "onnxruntime", "--onnx", str(tmp_path / "m.onnx"), str(root / "labels.csv"),
                                "--out", str(tmp_path / "x.csv"), "--explain"], capsys)
     assert "--explain needs the PyTorch engine" in line
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- battery_ct/infer.py --explain
+@pytest.fixture(scope="module")
+def battery_data(tmp_path_factory):
+    """15 generated 64 px slices (one per battery and class) with masks, a split of 4 of them, and
+    untrained resnet18 / ae state_dicts."""
+    from battery_ct.data import make_builtin_dataset
+    from battery_ct.model import build_model
+    root = tmp_path_factory.mktemp("battery_review")
+    make_builtin_dataset(root, batteries_per_class=1, slices_per_axis=1, size=64)
+    names = {int(p.stem.split("_")[3][0]): p.name for p in sorted((root / "images").glob("*_x_*.jpg"))}
+    (root / "four.txt").write_text("".join(f"images/{names[c]}\t{c}\n" for c in (0, 1, 2, 4)))
+    torch.manual_seed(0)
+    for name in ("resnet18", "ae"):
+        torch.save(build_model(name).state_dict(), root / f"{name}.pth")
+    return root
+
+
+@pytest.mark.parametrize("model", ["resnet18", "ae"])
+def test_battery_explain_maps_metrics_and_report(battery_data, model, tmp_path):
+    import json
+    from battery_ct.infer import main
+    out = tmp_path / "out"
+    extra = ["--explain-class", "cell_porosity"] if model == "resnet18" else ["--threshold", "0.5"]
+    main(["--weights", str(battery_data / f"{model}.pth"), "--model", model, "--image-size", "64",
+          "--split", str(battery_data / "four.txt"), "--out", str(out), "--workers", "0", "--explain",
+          "--masks", str(battery_data / "masks"), "--report"] + extra)
+    stems = [line.split("\t")[0][7:-4] for line in (battery_data / "four.txt").read_text().splitlines()]
+    for stem in stems:
+        heat = np.load(out / "explain" / f"{stem}.npy")
+        assert heat.shape == (64, 64) and heat.dtype == np.float32 and np.isfinite(heat).all() and heat.max() > 0
+        assert Image.open(out / "explain" / f"{stem}.png").height >= 320
+    rep = json.loads((out / "metrics.json").read_text())
+    assert "metrics" in rep and rep["localisation"]["images_with_defect_masks"] == 2
+    if model == "ae":   # the map is the smoothed per-pixel reconstruction error: its mean tracks the score
+        import csv
+        scores = {Path(r["path"]).stem: float(r["score"]) for r in csv.DictReader(open(out / "predictions.csv"))}
+        means = [np.load(out / "explain" / f"{s}.npy").mean() for s in stems]
+        assert np.corrcoef(means, [scores[s] for s in stems])[0, 1] > 0.9
+    else:
+        assert "maps: gradcam for cell_porosity (--explain-class)" in (out / "report.html").read_text()
+    assert (out / "report.html").read_text().count('<tr class="') == 4
+
+
+def test_battery_bad_explain_class_is_one_clear_line(battery_data, capsys, tmp_path):
+    from battery_ct.infer import main
+    line = run_cli_main(main, ["--weights", str(battery_data / "resnet18.pth"), "--model", "resnet18",
+                               "--split", str(battery_data / "four.txt"), "--out", str(tmp_path / "o"),
+                               "--explain", "--explain-class", "cell_crack"], capsys)
+    assert "--explain-class 'cell_crack' is not a class: choose one of cell_normal" in line
     assert not (tmp_path / "o").exists()
