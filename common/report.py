@@ -109,7 +109,7 @@ td.name{font-family:monospace;font-size:.85em;max-width:24em;word-break:break-al
 _SCRIPT = """
 const body=document.querySelector('table.rows tbody');
 const rows=Array.from(body.rows);
-let dir=-1;
+let dir=1;   // the first sort (on load) puts the highest score on top
 function apply(){
   const f=document.getElementById('filter').value;let shown=0;
   for(const r of rows){const d=r.dataset;

@@ -260,3 +260,56 @@ def test_battery_bad_explain_class_is_one_clear_line(battery_data, capsys, tmp_p
                                "--explain", "--explain-class", "cell_crack"], capsys)
     assert "--explain-class 'cell_crack' is not a class: choose one of cell_normal" in line
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the review page in a real browser
+def _browser():
+    from tests.spectral_ref.browser import Browser, find_chromium
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it where apt is available)")
+    try:
+        return Browser(find_chromium(), width=1300, height=1000)
+    except (OSError, RuntimeError, TimeoutError) as e:
+        pytest.skip(f"{find_chromium()} is installed but does not start here ({e})")
+
+
+def test_report_with_2000_rows_sorts_filters_and_loads_lazily_in_chromium(tmp_path, crbl_review):
+    from common.report import Row, write_report
+    src = tmp_path / "img.png"
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(src)
+    rng = np.random.default_rng(0)
+    scores = rng.random(2000)
+    labels = rng.random(2000) < 0.3
+    flags = scores > 0.5
+    rows = [Row(src, f"r{i:04d}", float(s), "defect" if f else "normal", bool(f), "defect" if y else "normal",
+                bool(f != y)) for i, (s, f, y) in enumerate(zip(scores, flags, labels))]
+    page = write_report(tmp_path, rows, "synthetic", "score > 0.5 (test)", {"images": "2000"}, labels, scores, 0.5)
+    b = _browser()
+    try:
+        b.goto(page.as_uri())
+        b.wait_for("document.getElementById('count').textContent.length")
+        assert b.evaluate("document.querySelectorAll('table.rows tbody tr').length") == 2000
+        first = float(b.evaluate("document.querySelector('table.rows tbody tr').dataset.score"))
+        assert first == pytest.approx(scores.max())                      # highest score first
+        b.evaluate("document.getElementById('sort').click()")
+        first = float(b.evaluate("document.querySelector('table.rows tbody tr').dataset.score"))
+        assert first == pytest.approx(scores.min())
+        visible = "Array.from(document.querySelectorAll('table.rows tbody tr')).filter(r => !r.hidden).length"
+        for value, expected in (("flagged", flags.sum()), ("notflagged", (~flags).sum()), ("wrong", (flags != labels).sum())):
+            b.evaluate(f"(() => {{ const s = document.getElementById('filter'); s.value = '{value}';"
+                       f" s.dispatchEvent(new Event('change')); }})()")
+            assert b.evaluate(visible) == expected
+        assert b.evaluate("document.getElementById('count').textContent") == f"{(flags != labels).sum()} of 2000 images shown"
+        b.wait_for("document.querySelector('.plots img').complete")
+        loaded = "Array.from(document.querySelectorAll('td.thumb img')).filter(i => i.complete && i.naturalWidth).length"
+        assert 0 < b.wait_for(loaded) < 200                             # lazy: only the rows near the screen
+        # the CRBL review page: relative thumbnails and overlays load from file://
+        b.goto((crbl_review[0] / "out" / "report.html").as_uri())
+        b.wait_for("document.querySelectorAll('td.map img').length === 3")
+        assert b.wait_for("Array.from(document.querySelectorAll('td.map img, td.thumb img, .plots img'))"
+                          ".every(i => i.complete && i.naturalWidth > 0)")
+        shot = b.screenshot()
+        Image.fromarray(shot).save(tmp_path / "report.png")
+        assert shot.shape[0] > 500 and shot.std() > 20                   # a drawn page, not a blank one
+    finally:
+        b.close()
