@@ -11,6 +11,8 @@ A map is float32 HxW of the image as read from disk, finite, larger = more evide
 from __future__ import annotations
 
 import argparse
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common.data import IMAGE_SUFFIXES
-from common.io import UserError, atomic_open, save_image
+from common.io import UserError
 
 METHODS = ("gradcam", "gradcam++", "eigencam")
 DILATION_PX = 5          # the pointing game counts a hit within this distance of the mask
@@ -148,6 +150,21 @@ def overlay_picture(rgb: np.ndarray, heat: np.ndarray, title: str, vmax: float |
     return np.asarray(canvas)
 
 
+def write_quick(path: Path, data: bytes) -> None:
+    """Per-image outputs (maps, pictures, thumbnails): written next to `path` and renamed into place,
+    so no half-written file shows, but without the two fsyncs of common.io.atomic_open, which cost
+    more than the map itself for thousands of small files. These files are re-made by a rerun."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def png_bytes(a: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
 class MapWriter:
     """Writes OUT/explain/<stem>.npy and <stem>.png per image, scores them against masks when
     given, and keeps nothing but the per-image numbers: memory does not grow with the images."""
@@ -161,9 +178,10 @@ class MapWriter:
         heat = np.nan_to_num(heat.astype(np.float32))
         if heat.shape != rgb.shape[:2]:
             raise ValueError(f"map {heat.shape} does not match the image {rgb.shape[:2]}")
-        with atomic_open(self.folder / f"{stem}.npy", "wb") as f:
-            np.save(f, heat)
-        save_image(self.folder / f"{stem}.png", overlay_picture(rgb, heat, title, self.vmax))
+        buf = io.BytesIO()
+        np.save(buf, heat)
+        write_quick(self.folder / f"{stem}.npy", buf.getvalue())
+        write_quick(self.folder / f"{stem}.png", png_bytes(overlay_picture(rgb, heat, title, self.vmax)))
         self.written.append(stem)
         if self.masks is not None:
             mask = self.masks.get(stem)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.explain import png_bytes, write_quick
 from common.io import UserError, atomic_open, atomic_write_text, load_image
 
 REPORT = "report.html"
@@ -132,8 +133,7 @@ sortByScore();apply();
 def _thumbnail(src: Path, dst: Path) -> None:
     im = load_image(src, "RGB")
     im.thumbnail((THUMB, THUMB), Image.BILINEAR)
-    with atomic_open(dst, "wb") as f:
-        im.save(f, format="JPEG", quality=85)
+    write_quick(dst, png_bytes(np.asarray(im), "JPEG", quality=85))
 
 
 def write_report(out: Path, rows: list[Row], title: str, threshold: str, summary: dict[str, str],
