@@ -8,6 +8,7 @@
   python scripts/bench.py spectral     # cnn_xattn train step and inference vs CR_recon; loader memory on 2 x 100,000 rows
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
+  python scripts/bench.py explain      # crbl / battery_ct infer.py --explain vs plain, per image (goal <= 3x)
   python scripts/bench.py all          # the CPU sections
 
 Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
@@ -1200,9 +1201,83 @@ def bench_spectral(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
+# ---------------------------------------------------------------- infer.py --explain
+def _cpu_run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) for one process."""
+    before = os.times()
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{res.stderr[-3000:]}")
+    return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def bench_explain(args) -> list[dict]:
+    """crbl/infer.py and battery_ct/infer.py with and without --explain (Grad-CAM maps, .npy + .png per
+    image), each run its own process, the sides alternating over --rounds rounds. The per-image
+    cost is the difference between a run on N and on N/4 images (process start and model loading
+    cancel out); the goal is --explain <= 3x the plain per-image cost."""
+    import numpy as np
+    from battery_ct.data import _slice_image
+    from battery_ct.model import build_model as battery_model
+    from common.io import save_image
+    from crbl.data import _part_image
+    from crbl.model import build_model as crbl_model
+
+    big = 16 if args.quick else 64
+    small = big // 4
+    rows = []
+    threads = str(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        for n in (small, big):
+            (tmp / f"crbl{n}").mkdir()
+            (tmp / f"bat{n}").mkdir()
+        for i in range(big):
+            a = _part_image(rng, bool(i % 2))
+            b = _slice_image(rng, "cell", i % 2, "x")
+            for n in (small, big):
+                if i < n:
+                    save_image(tmp / f"crbl{n}" / f"p{i:03d}.png", a)
+                    save_image(tmp / f"bat{n}" / f"CT_cell_pouch_{i:03d}_x_100.png", b)
+        torch.manual_seed(0)
+        torch.save(crbl_model("crop").state_dict(), tmp / "crop.pth")
+        torch.save(battery_model("resnet18").state_dict(), tmp / "resnet18.pth")
+        cases = {"crbl crop (batch 32, 120x120 images)":
+                 lambda n, out: [str(REPO / "crbl" / "infer.py"), "--model-type", "crop", "--weights",
+                                 str(tmp / "crop.pth"), str(tmp / f"crbl{n}"), "--out", str(out / "p.csv")],
+                 "battery_ct resnet18 (128x128)":
+                 lambda n, out: [str(REPO / "battery_ct" / "infer.py"), "--model", "resnet18", "--weights",
+                                 str(tmp / "resnet18.pth"), "--image-size", "128", "--images", str(tmp / f"bat{n}"),
+                                 "--out", str(out), "--workers", "0"]}
+        for name, make in cases.items():
+            per = {False: [], True: []}
+            for r in range(max(3, args.rounds)):
+                for explain in ((False, True) if r % 2 == 0 else (True, False)):
+                    t = {}
+                    for n in (small, big):
+                        out = tmp / f"out-{len(per[explain])}-{n}-{int(explain)}"
+                        cmd = [sys.executable, *make(n, out), "--threads", threads] + (["--explain"] if explain else [])
+                        t[n] = _cpu_run(cmd)
+                    per[explain].append(((t[big][0] - t[small][0]) / (big - small),
+                                         (t[big][1] - t[small][1]) / (big - small)))
+                    print(f"  {name}: {'explain' if explain else 'plain'} {per[explain][-1][0] * 1000:.0f} ms/img",
+                          flush=True)
+            wall = {k: statistics.median(v[0] for v in vals) for k, vals in per.items()}
+            cpu = {k: statistics.median(v[1] for v in vals) for k, vals in per.items()}
+            rows.append({"model": name, "images": f"{big} - {small}", "plain_ms_per_img": wall[False] * 1000,
+                         "explain_ms_per_img": wall[True] * 1000, "explain_vs_plain": wall[True] / wall[False],
+                         "cpu_explain_vs_plain": cpu[True] / cpu[False], "goal": "<= 3"})
+    report(rows, f"infer.py --explain (gradcam) vs plain, per image, {threads} threads, own processes, alternating")
+    return rows
+
+
+SECTIONS = {"explain": bench_explain, "common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
             "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu}
-CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx"]
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx", "explain"]
 
 
 def main():
