@@ -55,11 +55,23 @@ def check_explain_args(args, engine: str) -> None:
 
 
 # ---------------------------------------------------------------- class-activation maps
+def _graph_starts_here(module, inputs, output):
+    """Forward hook: the layer's output becomes a leaf that needs a gradient, so everything before it
+    runs without autograd (and a frozen network takes its inference fast path) and the backward pass
+    runs only through the layers after it: Grad-CAM needs the gradient at this layer, not below."""
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        return output.detach().requires_grad_(True)
+    return None
+
+
 def make_cam(model: torch.nn.Module, target_layers: list[torch.nn.Module], method: str):
     """A pytorch-grad-cam object; with several target layers, each layer's map is scaled to [0, 1]
-    and the maps are averaged (the package's aggregation), then scaled to [0, 1] again."""
+    and the maps are averaged (the package's aggregation), then scaled to [0, 1] again. The model's
+    parameters should not need gradients (model.requires_grad_(False))."""
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}[method]
+    for layer in target_layers:     # registered before the package's own hooks, which then see the leaf
+        layer.register_forward_hook(_graph_starts_here)
     return cls(model=model, target_layers=target_layers)
 
 
@@ -68,8 +80,8 @@ def cam_maps(cam, x: torch.Tensor, classes: list[int] | None = None) -> np.ndarr
     image i (None: output 0, a single-logit model's defect logit)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     targets = [ClassifierOutputTarget(int(c)) for c in (classes if classes is not None else [0] * len(x))]
-    with torch.enable_grad():   # the input carries the graph: frozen weights need no gradients of their own
-        maps = cam(input_tensor=x.detach().requires_grad_(True), targets=targets)
+    with torch.enable_grad():
+        maps = cam(input_tensor=x, targets=targets)
     cam.outputs = None    # the package keeps the last outputs (and their graph) alive otherwise
     return np.nan_to_num(np.asarray(maps, np.float32))
 
