@@ -127,7 +127,18 @@ class Review:
     # ------------------------------------------------------------ maps
     def writer(self) -> MapWriter:
         make_output_dir(self.out / "explain")
-        return MapWriter(self.out / "explain", self.masks, vmax=None if self.cfg["model"] == "ae" else 1.0)
+        self.maps = MapWriter(self.out / "explain", self.masks, vmax=None if self.cfg["model"] == "ae" else 1.0)
+        return self.maps
+
+    def finish_segment(self) -> None:
+        """--task segment --explain --masks: the localisation of the probability maps into metrics.json."""
+        if self.args.explain:
+            what = "1 - P(background)" if self.cls is None else f"P(class {self.cls})"
+            print(f"probability maps ({what}) written to {self.out / 'explain'}: <stem>.npy, <stem>.png")
+        if self.masks is not None and getattr(self, "maps", None) is not None:
+            local = {**self.maps.loc.summary(), "method": "segmentation probability", "masks": str(self.masks.folder)}
+            atomic_write_text(self.out / "metrics.json", json.dumps({"localisation": local}, indent=2) + "\n")
+            print(describe(local))
 
     def explain_classifier(self, model: nn.Module, device, preds: list[int], scores: list[float]) -> MapWriter:
         a, name = self.args, self.cfg["model"]

@@ -458,7 +458,10 @@ def main(argv=None):
         args.out = args.out or Path("runs") / TASK / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         review = Review(args, cfg, *resolve_inputs(args)[:2], task, extra)
     if task == "segment":
-        return main_segment(args, graph, cfg, device, review)
+        out = main_segment(args, graph, cfg, device, review)
+        if review is not None:
+            review.finish_segment()
+        return out
     out = main_classify(args, graph, cfg, extra, device)
     if review is not None:
         unfused = load_model(args, fuse=False)[0].to(device) if args.explain and cfg["model"] == "deeplabv3" else None
