@@ -31,9 +31,6 @@ from common.explain import (Masks, MapWriter, cam_maps, check_explain_args, desc
 from common.io import UserError, atomic_write_text, check_output_dir, load_image, make_output_dir
 from common.report import Row, check_report, write_report
 
-BATCH = 8
-
-
 def target_layers(model: nn.Module, name: str) -> list[nn.Module]:
     """The last feature map(s) before global pooling."""
     if name in ("resnet18",):
@@ -146,18 +143,19 @@ class Review:
         net = LogProbability(model, name, self.cfg["normalize"]).to(device)
         cam = None if name == "ae" else make_cam(net, target_layers(net.model, name), a.explain_method)
         size = self.cfg["image_size"]
-        for i in tqdm(range(0, len(self.paths), BATCH), desc="explain", leave=False, disable=len(self.paths) <= BATCH):
-            paths = self.paths[i:i + BATCH]
+        bs = a.batch_size      # only the layers after the target keep an autograd graph
+        for i in tqdm(range(0, len(self.paths), bs), desc="explain", leave=False, disable=len(self.paths) <= bs):
+            paths = self.paths[i:i + bs]
             rgbs, x = _batch(paths, size, device)
             if name == "ae":
                 maps = ae_maps(net.model, self.cfg["normalize"], x)
-                titles = [f"reconstruction error | score {s:.4g}" for s in scores[i:i + BATCH]]
+                titles = [f"reconstruction error | score {s:.4g}" for s in scores[i:i + bs]]
             else:
                 net.meta = torch.stack([metadata(p) for p in paths]).to(device) if name == "late_fusion" else None
-                classes = [self.cls if self.cls is not None else k for k in preds[i:i + BATCH]]
+                classes = [self.cls if self.cls is not None else k for k in preds[i:i + bs]]
                 maps = cam_maps(cam, x, classes)
                 titles = [f"{a.explain_method} for {CLASS_NAMES[c]} | predicted {CLASS_NAMES[k]} "
-                          f"| P(defect) {s:.3g}" for c, k, s in zip(classes, preds[i:i + BATCH], scores[i:i + BATCH])]
+                          f"| P(defect) {s:.3g}" for c, k, s in zip(classes, preds[i:i + bs], scores[i:i + bs])]
             for j, rgb in enumerate(rgbs):
                 writer.add(self.stems[i + j], rgb, resize_map(maps[j], *rgb.shape[:2]), titles[j])
         return writer

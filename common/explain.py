@@ -11,6 +11,7 @@ A map is float32 HxW of the image as read from disk, finite, larger = more evide
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 from pathlib import Path
@@ -123,6 +124,7 @@ def colour(m01: np.ndarray) -> np.ndarray:
     return _LUT[(np.clip(m01, 0, 1) * 255).round().astype(np.uint8)]
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -193,7 +195,7 @@ class MapWriter:
         buf = io.BytesIO()
         np.save(buf, heat)
         write_quick(self.folder / f"{stem}.npy", buf.getvalue())
-        write_quick(self.folder / f"{stem}.png", png_bytes(overlay_picture(rgb, heat, title, self.vmax)))
+        write_quick(self.folder / f"{stem}.png", png_bytes(overlay_picture(rgb, heat, title, self.vmax), compress_level=1))
         self.written.append(stem)
         if self.masks is not None:
             mask = self.masks.get(stem)

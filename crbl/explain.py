@@ -27,7 +27,6 @@ from common.report import Row, check_report, write_report
 from crbl.data import crop_box, preprocess_crop, preprocess_full
 from crbl.model import CRBL, DEFAULT_THRESHOLDS
 
-BATCH = 8     # images per forward/backward pass: activations for the gradients stay small
 
 
 class DefectLogit(nn.Module):
@@ -60,10 +59,11 @@ def image_map(cam, model_type: str, rgbs: list[np.ndarray], device) -> list[np.n
     return [paste_map(m, b, a.shape[:2]) for m, b, a in zip(maps, boxes, rgbs)]
 
 
-def explain(cams: dict, paths, stems, writer: MapWriter, device, titles: list[str]) -> None:
-    """`cams`: {model type: CAM} (one, or crop and full for --combined). Writes a map per image."""
-    for i in tqdm(range(0, len(paths), BATCH), desc="explain", leave=False, disable=len(paths) <= BATCH):
-        rgbs = [np.asarray(load_image(p, "RGB")) for p in paths[i:i + BATCH]]
+def explain(cams: dict, paths, stems, writer: MapWriter, device, titles: list[str], batch: int) -> None:
+    """`cams`: {model type: CAM} (one, or crop and full for --combined). Writes a map per image.
+    Only the head keeps an autograd graph, so a batch costs little more memory than inference."""
+    for i in tqdm(range(0, len(paths), batch), desc="explain", leave=False, disable=len(paths) <= batch):
+        rgbs = [np.asarray(load_image(p, "RGB")) for p in paths[i:i + batch]]
         per_model = [image_map(cam, t, rgbs, device) for t, cam in cams.items()]
         for j, rgb in enumerate(rgbs):
             heat = np.maximum.reduce([maps[j] for maps in per_model])
@@ -119,7 +119,7 @@ class Review:
             cams = {t: explainer(m, a.explain_method) for t, m in models.items()}
             titles = [f"{a.explain_method} | " + " | ".join(f"{h} {v}" for h, v in zip(header[1:], r[1:]))
                       for r in rows]
-            explain(cams, self.paths, self.stems, writer, device, titles)
+            explain(cams, self.paths, self.stems, writer, device, titles, a.batch_size)
             print(f"explanation maps ({a.explain_method}, both backbones) written to {out / 'explain'}: "
                   f"<stem>.npy, <stem>.png")
             if self.masks is not None:
