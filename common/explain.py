@@ -186,7 +186,6 @@ class MapWriter:
     def __init__(self, folder: Path, masks: "Masks | None" = None, vmax: float | None = 1.0):
         self.folder, self.masks, self.vmax = Path(folder), masks, vmax
         self.loc = Localisation()
-        self.written: list[str] = []
 
     def add(self, stem: str, rgb: np.ndarray, heat: np.ndarray, title: str) -> None:
         heat = np.nan_to_num(heat.astype(np.float32))
@@ -196,7 +195,6 @@ class MapWriter:
         np.save(buf, heat)
         write_quick(self.folder / f"{stem}.npy", buf.getvalue())
         write_quick(self.folder / f"{stem}.png", png_bytes(overlay_picture(rgb, heat, title, self.vmax), compress_level=1))
-        self.written.append(stem)
         if self.masks is not None:
             mask = self.masks.get(stem)
             if mask is not None:

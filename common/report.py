@@ -78,7 +78,7 @@ def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(names)
-    fig, ax = plt.subplots(figsize=(1.3 * n + 2.6, 1.1 * n + 2))
+    fig, ax = plt.subplots(figsize=(0.75 * n + 2.6, 0.65 * n + 2.4))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), names, rotation=30, ha="right")
     ax.set_yticks(range(n), names)
@@ -97,7 +97,7 @@ _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
 h1{font-size:1.4em;margin:0 0 .3em} .meta{color:#555;margin:.2em 0}
 .summary{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start;margin:1em 0}
-.summary table td{padding:2px 10px 2px 0} .plots img{max-height:340px;border:1px solid #ddd}
+.summary table td{padding:2px 10px 2px 0} .plots img{max-height:400px;border:1px solid #ddd}
 .controls{margin:.8em 0;position:sticky;top:0;background:#fff;padding:.4em 0;z-index:2}
 .controls button,.controls select{font-size:1em;margin-right:.6em}
 table.rows{border-collapse:collapse} table.rows th,table.rows td{border-bottom:1px solid #ddd;padding:4px 8px;

@@ -25,6 +25,7 @@ from common.io import atomic_write_text, check_output_dir, load_image, make_outp
 from common.metrics import classification_report, roc_auc
 from common.report import Row, check_report, write_report
 from crbl.data import crop_box, preprocess_crop, preprocess_full
+from crbl.deploy import CPU_CHUNK
 from crbl.model import CRBL, DEFAULT_THRESHOLDS
 
 
@@ -119,7 +120,9 @@ class Review:
             cams = {t: explainer(m, a.explain_method) for t, m in models.items()}
             titles = [f"{a.explain_method} | " + " | ".join(f"{h} {v}" for h, v in zip(header[1:], r[1:]))
                       for r in rows]
-            explain(cams, self.paths, self.stems, writer, device, titles, a.batch_size)
+            # chunks of CPU_CHUNK images on the CPU, as inference runs them (malloc keeps reusing the memory)
+            batch = min(a.batch_size, CPU_CHUNK) if device.type == "cpu" else a.batch_size
+            explain(cams, self.paths, self.stems, writer, device, titles, batch)
             print(f"explanation maps ({a.explain_method}, both backbones) written to {out / 'explain'}: "
                   f"<stem>.npy, <stem>.png")
             if self.masks is not None:
