@@ -25,7 +25,7 @@ from common.io import UserError
 
 METHODS = ("gradcam", "gradcam++", "eigencam")
 DILATION_PX = 5          # the pointing game counts a hit within this distance of the mask
-PANEL = 320              # the overlay picture shows image and map at least this many pixels high
+PANEL = 256              # the overlay picture shows image and map at least this many pixels high
 
 
 # ---------------------------------------------------------------- command line

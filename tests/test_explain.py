@@ -162,7 +162,7 @@ def test_crbl_explain_writes_maps_of_the_image_size_metrics_and_a_report(crbl_re
         inside[y0:y1, x0:x1] = True
         assert heat[~inside].max() == 0 and heat[inside].max() > 0       # the crop model saw only the box
         picture = Image.open(out / "explain" / f"p{i}.png")
-        assert picture.height >= 320 and picture.width > 2 * picture.height  # image, overlay, colour bar
+        assert picture.height >= 256 and picture.width > 2 * picture.height  # image, overlay, colour bar
     m = json.loads((out / "metrics.json").read_text())["localisation"]
     # recompute from the written maps and masks
     loc = Localisation()
@@ -240,7 +240,7 @@ def test_battery_explain_maps_metrics_and_report(battery_data, model, tmp_path):
     for stem in stems:
         heat = np.load(out / "explain" / f"{stem}.npy")
         assert heat.shape == (64, 64) and heat.dtype == np.float32 and np.isfinite(heat).all() and heat.max() > 0
-        assert Image.open(out / "explain" / f"{stem}.png").height >= 320
+        assert Image.open(out / "explain" / f"{stem}.png").height >= 256
     rep = json.loads((out / "metrics.json").read_text())
     assert "metrics" in rep and rep["localisation"]["images_with_defect_masks"] == 2
     if model == "ae":   # the map is the smoothed per-pixel reconstruction error: its mean tracks the score
