@@ -11,6 +11,7 @@ outside it; the full model saw the image without its first 4 rows and columns, s
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +31,43 @@ from crbl.model import CRBL, DEFAULT_THRESHOLDS
 
 
 
-class DefectLogit(nn.Module):
-    """CRBL's defect logit with both backbones called as modules, so the CAM's hooks see them."""
+def _no_grad(fn):
+    """fn without autograd, for a worker thread (grad mode is per thread). Not inference mode: the
+    features go on into the head's autograd graph."""
+    def call(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return call
 
-    def __init__(self, model: CRBL):
+
+class DefectLogit(nn.Module):
+    """CRBL's defect logit for the CAM. The two backbones run without autograd (on the CPU at the
+    same time in two threads, as crbl/infer.py runs them); their feature maps then pass through
+    `tap1` / `tap2`, the CAM's target layers, in a fixed order, and only the bilinear head keeps an
+    autograd graph: Grad-CAM needs the gradient at the feature maps, nothing below them."""
+
+    def __init__(self, model: CRBL, streams: int = 1):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)    # gradients w.r.t. activations only
+        self.model = model.eval().requires_grad_(False)
+        self.tap1, self.tap2 = nn.Identity(), nn.Identity()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="crbl-cam") if streams > 1 else None
 
     def forward(self, x):
         m = self.model
-        return m.forward_head((m.backbone1(x), m.backbone2(x)))
+        with torch.no_grad():
+            x = x.contiguous(memory_format=torch.channels_last)
+            if self._pool is not None and x.device.type == "cpu":
+                other = self._pool.submit(_no_grad(m.backbone1.forward_channels_last), x)
+                f2 = m.backbone2.forward_channels_last(x)
+                f1 = other.result()
+            else:
+                f1, f2 = m.backbone1.forward_channels_last(x), m.backbone2.forward_channels_last(x)
+        return m.forward_head((self.tap1(f1), self.tap2(f2)))
 
 
-def explainer(model: CRBL, method: str):
-    wrapped = DefectLogit(model)
-    return make_cam(wrapped, [wrapped.model.backbone1, wrapped.model.backbone2], method)
+def explainer(model: CRBL, method: str, streams: int = 1):
+    wrapped = DefectLogit(model, streams)
+    return make_cam(wrapped, [wrapped.tap1, wrapped.tap2], method)
 
 
 def image_map(cam, model_type: str, rgbs: list[np.ndarray], device) -> list[np.ndarray]:
@@ -117,7 +140,7 @@ class Review:
         if a.explain:
             make_output_dir(out / "explain")
             writer = MapWriter(out / "explain", self.masks)
-            cams = {t: explainer(m, a.explain_method) for t, m in models.items()}
+            cams = {t: explainer(g.model, a.explain_method, g.streams) for t, g in models.items()}
             titles = [f"{a.explain_method} | " + " | ".join(f"{h} {v}" for h, v in zip(header[1:], r[1:]))
                       for r in rows]
             # chunks of CPU_CHUNK images on the CPU, as inference runs them (malloc keeps reusing the memory)

@@ -186,7 +186,7 @@ def main(argv=None):
               f"roc_auc={roc_auc(y, score):.4f}")
     print(f"predictions written to {out}")
     if review.active:
-        nets = {} if ort else {"crop": crop_m.model, "full": full_m.model} if args.combined else {args.model_type: model.model}
+        nets = {} if ort else {"crop": crop_m, "full": full_m} if args.combined else {args.model_type: model}
         review.finish(nets, device, score, flags, header, rows)
 
 
