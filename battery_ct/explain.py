@@ -160,6 +160,9 @@ class Review:
                 writer.add(self.stems[i + j], rgb, resize_map(maps[j], *rgb.shape[:2]), titles[j])
         return writer
 
+    def segment_title(self, path: Path) -> str:
+        return f"{'P(not background)' if self.cls is None else f'P(class {self.cls})'} | {path.name}"
+
     def segment_map(self, logits: torch.Tensor) -> np.ndarray:
         p = logits.float().softmax(1)[0]
         return (p[self.cls] if self.cls is not None else 1 - p[0]).cpu().numpy()

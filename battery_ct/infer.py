@@ -428,7 +428,7 @@ def main_segment(args, graph, cfg, device, review=None):
         save_image(out / f"{stem}_mask.png", mask)
         save_image(out / f"{stem}_overlay.png", overlay(rgb, mask))
         if writer is not None:      # --explain: the defect-class probability map
-            writer.add(stem, rgb, review.segment_map(logits), f"P(not background) | {path.name}")
+            writer.add(stem, rgb, review.segment_map(logits), review.segment_title(path))
         frac = np.bincount(mask.ravel(), minlength=n)[:n] / mask.size
         rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac])
     write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)], rows)
