@@ -219,7 +219,8 @@ class Review:
             s = np.array(scores)
             cm = (np.asarray(rep["confusion_matrix"]), rep["class_names"])
         if local and local["pointing_game"] is not None:
-            summary["pointing game"] = f"{local['pointing_game']:.3f} (random map {local['random_map']['pointing_game']:.3f})"
+            chance = local["random_map"]["pointing_game"]
+            summary["pointing game"] = f"{local['pointing_game']:.3f} (random map {chance:.3f})"
             summary["pixel ROC-AUC"] = f"{local['pixel_roc_auc']:.3f} (random map 0.5)"
         if name == "ae":
             thr = float(a.threshold if a.threshold is not None else self.extra["threshold"])

@@ -194,7 +194,8 @@ class MapWriter:
         buf = io.BytesIO()
         np.save(buf, heat)
         write_quick(self.folder / f"{stem}.npy", buf.getvalue())
-        write_quick(self.folder / f"{stem}.png", png_bytes(overlay_picture(rgb, heat, title, self.vmax), compress_level=1))
+        picture = overlay_picture(rgb, heat, title, self.vmax)
+        write_quick(self.folder / f"{stem}.png", png_bytes(picture, compress_level=1))
         if self.masks is not None:
             mask = self.masks.get(stem)
             if mask is not None:

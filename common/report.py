@@ -6,7 +6,6 @@ images load lazily, so the page stays quick at thousands of rows."""
 from __future__ import annotations
 
 import html
-import json
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,12 +168,13 @@ def write_report(out: Path, rows: list[Row], title: str, threshold: str, summary
             f'<td>{html.escape(r.label) if r.label is not None else "&ndash;"}</td></tr>')
     n_flag = sum(r.flagged for r in rows)
     n_wrong = sum(bool(r.wrong) for r in rows)
+    wrong_text = f", {n_wrong} wrong" if any(r.wrong is not None for r in rows) else ""
     stats = "".join(f"<tr><td>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>" for k, v in summary.items())
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Review: {html.escape(title)}</h1>
-<p class="meta">{len(rows)} images, {n_flag} flagged as defect{f", {n_wrong} wrong" if any(r.wrong is not None for r in rows) else ""}.
+<p class="meta">{len(rows)} images, {n_flag} flagged as defect{wrong_text}.
 Threshold: <b>{html.escape(threshold)}</b></p>
 {"".join(f'<p class="meta">{html.escape(n)}</p>' for n in notes)}
 <div class="summary"><table>{stats}</table>
@@ -193,20 +193,3 @@ Threshold: <b>{html.escape(threshold)}</b></p>
 """
     atomic_write_text(out / REPORT, doc)
     return out / REPORT
-
-
-def metrics_summary(metrics: dict) -> dict[str, str]:
-    """Flat 'name: value' lines for the page from a nested metrics dict (numbers only)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            for k2, v2 in v.items():
-                if isinstance(v2, (int, float)) and not isinstance(v2, bool):
-                    out[f"{k} {k2}"] = f"{v2:.4g}"
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = f"{v:.4g}"
-    return out
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2) + "\n"

@@ -124,8 +124,8 @@ class Review:
     def threshold_text(self) -> tuple[str, float | None]:
         a = self.args
         if a.combined:
-            src = "given" if (a.crop_threshold, a.full_threshold) != (DEFAULT_THRESHOLDS["crop"],
-                                                                    DEFAULT_THRESHOLDS["full"]) else "the original's defaults"
+            defaults = (DEFAULT_THRESHOLDS["crop"], DEFAULT_THRESHOLDS["full"])
+            src = "given" if (a.crop_threshold, a.full_threshold) != defaults else "the original's defaults"
             return (f"defect if crop > {a.crop_threshold:g} or full > {a.full_threshold:g} ({src}); score = "
                     f"max(crop / {a.crop_threshold:g}, full / {a.full_threshold:g}), flagged above 1"), 1.0
         if a.threshold is not None:
