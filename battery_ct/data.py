@@ -17,11 +17,11 @@ import torch
 import torchvision.transforms.v2 as T
 from torch.utils.data import Dataset
 
-from battery_ct.model import CLASS_NAMES
+from battery_ct.model import CLASS_NAMES, DEFECT_CLASSES
 from common.io import UserError, atomic_write_text, load_image, save_image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BUILTIN_VERSION = "battery-ct-1"
+BUILTIN_VERSION = "battery-ct-2"   # 2: masks/<stem>.png (255 on defect pixels) per defective image
 _NAME = re.compile(r"^CT_(cell|module)_([A-Za-z0-9-]+)_([A-Za-z0-9-]+)_([xyz])_(\d+)$")
 
 
@@ -169,9 +169,11 @@ class SplitDataset(Dataset):
 
 
 # ---------------------------------------------------------------- built-in demo data
-def _slice_image(rng: np.random.Generator, kind: str, label: int, axis: str, size: int = 128) -> np.ndarray:
-    """A CT-like grey slice: a cell (layered electrode stack) or a module (cells in a casing).
-    Porosity: dark voids in the material. Resin overflow: a bright spill past the casing."""
+def _slice_image(rng: np.random.Generator, kind: str, label: int, axis: str, size: int = 128,
+                 with_mask: bool = False):
+    """The image, or (image, defect mask) `with_mask`: a CT-like grey slice, a cell (layered
+    electrode stack) or a module (cells in a casing). Porosity: dark voids in the material. Resin
+    overflow: a bright spill past the casing. The mask is True on the pixels a defect changed."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     img = rng.normal(18, 4, (size, size)).astype(np.float32)        # air is dark in CT
     period = rng.uniform(3.0, 5.0)
@@ -179,6 +181,7 @@ def _slice_image(rng: np.random.Generator, kind: str, label: int, axis: str, siz
     if axis == "z":
         layers = 150 + 35 * np.sin(np.hypot(yy - size / 2, xx - size / 2) * 2 * np.pi / period)
     material = np.zeros((size, size), bool)
+    defect_px = np.zeros((size, size), bool)
     if kind == "cell":
         h, w = rng.integers(size // 4, size // 3), rng.integers(size // 2, int(size * 0.8))
         y0, x0 = (size - h) // 2 + rng.integers(-6, 7), (size - w) // 2 + rng.integers(-6, 7)
@@ -203,21 +206,25 @@ def _slice_image(rng: np.random.Generator, kind: str, label: int, axis: str, siz
             r = rng.uniform(2.0, 4.5)
             void = ((yy - ys[k]) / r) ** 2 + ((xx - xs[k]) / (r * rng.uniform(0.6, 1.6))) ** 2 <= 1
             img[void & material] = rng.uniform(25, 50)
+            defect_px |= void & material
     if label == 4:        # resin overflow: a bright blob spilling over the casing edge
         cy, cx = (y1 if rng.random() < 0.5 else y0), rng.uniform(x0 + 10, x1 - 10)
         r = rng.uniform(6, 10)
         blob = ((yy - cy) / (r * 0.7)) ** 2 + ((xx - cx) / (r * 1.6)) ** 2 <= 1 + 0.3 * np.sin(xx)
         img[blob] = rng.uniform(240, 255)
+        defect_px |= blob
     img += rng.normal(0, 6, img.shape)
     g = np.clip(img, 0, 255).astype(np.uint8)
-    return np.stack([g, g, g], -1)
+    return (np.stack([g, g, g], -1), defect_px) if with_mask else np.stack([g, g, g], -1)
 
 
 def make_builtin_dataset(root: Path, batteries_per_class: int = 8, slices_per_axis: int = 2,
                          size: int = 128, seed: int = 0) -> None:
-    """images/CT_*.jpg for every class, plus train/val/test split files made by battery."""
+    """images/CT_*.jpg for every class, train/val/test split files made by battery, and
+    masks/<stem>.png (255 on defect pixels) for every defective slice."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
     items = []
     for label, name in enumerate(CLASS_NAMES):
         kind = name.split("_")[0]
@@ -227,7 +234,10 @@ def make_builtin_dataset(root: Path, batteries_per_class: int = 8, slices_per_ax
             for axis in "xyz":
                 for s in range(slices_per_axis):
                     path = root / "images" / f"CT_{kind}_{package}_{number}_{axis}_{100 + s}.jpg"
-                    save_image(path, _slice_image(rng, kind, label, axis, size))
+                    img, defect_px = _slice_image(rng, kind, label, axis, size, with_mask=True)
+                    save_image(path, img)
+                    if label in DEFECT_CLASSES:
+                        save_image(root / "masks" / f"{path.stem}.png", defect_px.astype(np.uint8) * 255)
                     items.append((path, label))
     for split, files in split_by_battery(items).items():
         write_split(root / f"{split}.txt", files, relative_to=root)

@@ -7,6 +7,7 @@
   python battery_ct/infer.py --weights converted.pth --model resnet18 --image-size 512 --split test.txt
   python battery_ct/infer.py --weights seg.pth --task segment --crop slide --images scans/ --out masks/
   python battery_ct/infer.py --engine onnxruntime --onnx hdcnn.onnx --split test.txt     # scripts/export_onnx.py
+  python battery_ct/infer.py --weights best.pt --explain --report --out review/   # maps, localisation, review page
 
 With labels (a split file) it writes metrics.json (accuracy, macro/weighted F1, per-class
 precision/recall/F1/support, confusion matrix, one-vs-rest ROC-AUC, normal-vs-defect summary),
@@ -51,6 +52,7 @@ from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg,
                         apply_runtime_args, float_range, int_range)
 from common.data import ensure_builtin, list_images
 from common.device import select_device
+from common.explain import add_explain_args
 from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
                        load_untrusted, load_weights_into, make_output_dir, refuse_output_over_inputs, run_cli,
                        save_image, state_dict_from)
@@ -86,6 +88,7 @@ def parse_args(argv=None):
     add_threads_arg(p)
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
+    add_explain_args(p, CLASS_NAMES)
     args = p.parse_args(argv)
     resolve_engine(p, args)
     if args.engine == "onnxruntime" and args.image_size is not None:
@@ -397,7 +400,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
-def main_segment(args, graph, cfg, device):
+def main_segment(args, graph, cfg, device, review=None):
     source_file = args.weights or args.onnx
     if cfg["model"] != "deeplab_seg":
         raise UserError(f"{source_file}: --task segment needs deeplab_seg weights "
@@ -424,6 +427,7 @@ def main_segment(args, graph, cfg, device):
     n = cfg["num_classes"]
     rows = []
     make_output_dir(out)
+    writer = review.writer() if review is not None and args.explain else None
     for path, stem in tqdm(list(zip(paths, stems)), desc="segment", leave=False, disable=len(paths) <= 1):
         im = load_image(path, "RGB")
         rgb = np.asarray(im)
@@ -434,6 +438,8 @@ def main_segment(args, graph, cfg, device):
         mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         save_image(out / f"{stem}_mask.png", mask)
         save_image(out / f"{stem}_overlay.png", overlay(rgb, mask))
+        if writer is not None:      # --explain: the defect-class probability map
+            writer.add(stem, rgb, review.segment_map(logits), review.segment_title(path))
         frac = np.bincount(mask.ravel(), minlength=n)[:n] / mask.size
         rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac])
     write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)], rows)
@@ -457,9 +463,22 @@ def main(argv=None):
     task = args.task or ("segment" if cfg["model"] == "deeplab_seg" else "classify")
     if task == "classify" and cfg["model"] == "deeplab_seg":
         raise UserError(f"{args.weights or args.onnx}: deeplab_seg is a segmentation model: use --task segment")
+    review = None
+    if args.explain or args.report:     # checked before any work; the maps and the page come after
+        from battery_ct.explain import Review
+        kind = "segment" if task == "segment" else "infer"
+        args.out = args.out or Path("runs") / TASK / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        review = Review(args, cfg, *resolve_inputs(args)[:2], task, extra)
     if task == "segment":
-        return main_segment(args, graph, cfg, device)
-    return main_classify(args, graph, cfg, extra, device)
+        out = main_segment(args, graph, cfg, device, review)
+        if review is not None:
+            review.finish_segment()
+        return out
+    out = main_classify(args, graph, cfg, extra, device)
+    if review is not None:
+        unfused = load_model(args, fuse=False)[0].to(device) if args.explain and cfg["model"] == "deeplabv3" else None
+        review.finish(unfused or (None if args.engine == "onnxruntime" else model), device)
+    return out
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from common.io import UserError, load_image, save_image
 
 INPUT_SIZE = 128
 CROP_MAX_BOTTOM = 89
-BUILTIN_VERSION = "crbl-1"
+BUILTIN_VERSION = "crbl-2"   # 2: masks/<stem>.png (255 on defect pixels) per defective image
 
 
 # ---------------------------------------------------------------- connected components
@@ -170,15 +170,17 @@ class CRBLDataset(Dataset):
 
 
 # ---------------------------------------------------------------- built-in demo data
-def _part_image(rng: np.random.Generator, defect: bool, size: int = 120) -> np.ndarray:
-    """A bright background with a darker machined part in the upper area; defects are dark
-    inclusions or bright scratches on the part."""
+def _part_image(rng: np.random.Generator, defect: bool, size: int = 120, with_mask: bool = False):
+    """The image, or (image, defect mask) `with_mask`: a bright background with a darker machined
+    part in the upper area; defects are dark inclusions or bright scratches on the part. The mask
+    is True where a defect changed a pixel."""
     img = np.full((size, size, 3), 235, np.float32) + rng.normal(0, 4, (size, size, 1))
     y0, x0 = rng.integers(8, 20), rng.integers(8, 30)
     h, w = rng.integers(55, 70), rng.integers(60, 80)
     yy, xx = np.mgrid[:size, :size]
     cy, cx = y0 + h / 2, x0 + w / 2
     part = ((np.abs(yy - cy) / (h / 2)) ** 4 + (np.abs(xx - cx) / (w / 2)) ** 4) <= 1.0  # rounded box
+    defect_px = np.zeros((size, size), bool)
     base = rng.uniform(95, 130)
     shade = base + 10 * np.sin(xx / rng.uniform(4, 9)) + rng.normal(0, 3, (size, size))
     img[part] = np.stack([shade, shade * 0.97, shade * 0.93], -1)[part]
@@ -189,6 +191,7 @@ def _part_image(rng: np.random.Generator, defect: bool, size: int = 120) -> np.n
                 r = rng.uniform(3, 7)
                 blob = (yy - py) ** 2 + (xx - px) ** 2 <= r * r
                 img[blob & part] = rng.uniform(10, 35)
+                defect_px |= blob & part
             else:                    # bright scratch
                 ang = rng.uniform(0, np.pi)
                 length = rng.uniform(12, 25)
@@ -197,18 +200,25 @@ def _part_image(rng: np.random.Generator, defect: bool, size: int = 120) -> np.n
                 xs = np.clip((px + t * np.cos(ang)).astype(int), 0, size - 1)
                 for dy in (0, 1):
                     img[np.clip(ys + dy, 0, size - 1), xs] = rng.uniform(200, 240)
-    return np.clip(img, 0, 255).astype(np.uint8)
+                    defect_px[np.clip(ys + dy, 0, size - 1), xs] = True
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return (img, defect_px) if with_mask else img
 
 
 def make_builtin_dataset(root: Path, n_train: int = 192, n_val: int = 64, seed: int = 0) -> None:
-    """Write images/*.png plus train.csv and val.csv (balanced classes) under `root`."""
+    """Write images/*.png plus train.csv and val.csv (balanced classes) under `root`, and
+    masks/<stem>.png (255 on defect pixels) for every defective image."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
         lines = ["image_path,impurity"]
         for i in range(n):
             label = i % 2
             name = f"images/{split}_{i:04d}_{'defect' if label else 'normal'}.png"
-            save_image(root / name, _part_image(rng, bool(label)))
+            img, defect_px = _part_image(rng, bool(label), with_mask=True)
+            save_image(root / name, img)
+            if label:
+                save_image(root / "masks" / Path(name).name, defect_px.astype(np.uint8) * 255)
             lines.append(f"{name},{label}")
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")

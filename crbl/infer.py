@@ -5,6 +5,7 @@
   python crbl/infer.py --model-type full --weights converted_full.pth labels.csv
   python crbl/infer.py --combined CROP.pt FULL.pt images/      # defect if crop > 0.01 or full > 0.5
   python crbl/infer.py --engine onnxruntime --onnx crbl_crop.onnx images/     # scripts/export_onnx.py
+  python crbl/infer.py --weights best.pt val.csv --out review/preds.csv --explain --report   # maps + review page
   python crbl/infer.py --engine onnxruntime --combined crop.onnx full.onnx --providers DmlExecutionProvider,CPUExecutionProvider images/
 
 Inputs are image files, folders (every .png/.jpg/.bmp/.tif inside), or CSVs with an image_path
@@ -39,12 +40,14 @@ from common.cli import (BATCH_SIZE, ArgumentParser, add_max_pixels_arg, add_thre
                         float_range)
 from common.data import list_images
 from common.device import cpu_streams, select_device
+from common.explain import add_explain_args
 from common.io import (UserError, atomic_write_text, check_output_file, load_state_strict, load_untrusted,
                        refuse_output_over_inputs, run_cli, state_dict_from)
 from common.metrics import classification_report, roc_auc
 from common.onnx import OrtModel, add_engine_args, check_task, session
 from crbl.data import preprocess, read_image_csv
 from crbl.deploy import TASK, CRBLProbability
+from crbl.explain import Review
 from crbl.model import CRBL, DEFAULT_THRESHOLDS, MODEL_TYPES
 
 PROBABILITY = float_range(0, 1, lo_open=True)
@@ -161,6 +164,7 @@ def main(argv=None):
     add_threads_arg(p)
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
+    add_explain_args(p)
     args = p.parse_args(argv)
     if args.engine is None:
         args.engine = "onnxruntime" if args.onnx is not None else "torch"
@@ -187,6 +191,7 @@ def main(argv=None):
     refuse_output_over_inputs([("inputs", [p for p in args.inputs if not p.is_dir()]), ("inputs", paths),
                                ("--weights", args.weights), ("--combined", args.combined), ("--onnx", args.onnx)],
                               files=[("--out", out)])
+    review = Review(args, paths, labels, out.parent)    # --explain / --masks / --report: checked before any work
     if ort:
         def load(path, expected, role):
             return load_onnx(path, expected, role, args.providers, args.threads)
@@ -224,12 +229,15 @@ def main(argv=None):
         rows = [[str(q), f"{a:.6g}", f"{b:.6g}", "defect" if f else "normal"]
                 for q, a, b, f in zip(paths, p_crop.tolist(), p_full.tolist(), flags.tolist())]
         score = torch.maximum(p_crop / t_crop, p_full / t_full)
+        rule = (f"defect if crop > {t_crop:.4g} ({from_crop}) or full > {t_full:.4g} ({from_full}); score = "
+                f"max(crop / {t_crop:.4g}, full / {t_full:.4g}), flagged above 1", 1.0)
     else:
         prob = predict(model if ort else model.to(device), args.model_type, paths, device, args.batch_size)
         flags = prob > threshold
         header = ["path", "probability", "decision"]
         rows = [[str(q), f"{v:.6g}", "defect" if f else "normal"] for q, v, f in zip(paths, prob.tolist(), flags.tolist())]
         score = prob
+        rule = (f"probability > {threshold:.4g} ({source})", threshold)
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -245,6 +253,9 @@ def main(argv=None):
         print(f"labels found: accuracy={r['accuracy']:.4f} f1={r['per_class']['f1'][1]:.4f} "
               f"roc_auc={roc_auc(y, score):.4f}")
     print(f"predictions written to {out}")
+    if review.active:
+        nets = {} if ort else {"crop": crop_m, "full": full_m} if args.combined else {args.model_type: model}
+        review.finish(nets, device, score, flags, header, rows, rule)
 
 
 if __name__ == "__main__":

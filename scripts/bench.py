@@ -10,6 +10,7 @@
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
   python scripts/bench.py ddp          # colorize under torchrun (2 CPU processes): frozen unused params vs find_unused_parameters
+  python scripts/bench.py explain      # crbl / battery_ct infer.py --explain vs plain, per image (goal <= 3x)
   python scripts/bench.py all          # the CPU sections
 
 Options: --threads N (default: all cores), --repeats N, --quick (smaller sizes, for a smoke run).
@@ -1326,15 +1327,102 @@ def bench_ddp(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- infer.py --explain
+def explain_worker(argv) -> None:
+    """One side (plain or --explain) in its own process: the script's main() in process on N/4 images
+    (warm-up), then timed on N/4 and on N images, --repeats times; prints the median seconds."""
+    import shutil
+    script, explain, small, big, repeats, *cli = argv
+    if script == "crbl":
+        from crbl.infer import main
+    else:
+        from battery_ct.infer import main
+    out_arg = cli.index("--out") + 1
+    base = Path(cli[out_arg])
+    times = {small: [], big: []}
+
+    def run(folder: str) -> float:
+        argv = [a.replace("{N}", folder) for a in cli] + (["--explain"] if explain == "1" else [])
+        shutil.rmtree(base, ignore_errors=True)
+        with contextlib.redirect_stdout(open(os.devnull, "w")), contextlib.redirect_stderr(open(os.devnull, "w")):
+            t0 = time.perf_counter()
+            main(argv)
+            return time.perf_counter() - t0
+
+    run(small)
+    for _ in range(int(repeats)):
+        for n in (small, big):
+            times[n].append(run(n))
+    print(json.dumps({n: statistics.median(v) for n, v in times.items()}))
+
+
+def bench_explain(args) -> list[dict]:
+    """crbl/infer.py and battery_ct/infer.py with and without --explain (Grad-CAM maps, .npy + .png per
+    image), each side its own process (main() in process, warmed up), the sides alternating over
+    --rounds rounds. The per-image cost is the difference between a run on N and on N/4 images
+    (model loading cancels out); the goal is --explain <= 3x the plain per-image cost."""
+    import numpy as np
+    from battery_ct.data import _slice_image
+    from battery_ct.model import build_model as battery_model
+    from common.io import save_image
+    from crbl.data import _part_image
+    from crbl.model import build_model as crbl_model
+
+    big = 16 if args.quick else 64
+    small = big // 4
+    rows = []
+    threads = str(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        for n in (small, big):
+            (tmp / f"crbl{n}").mkdir()
+            (tmp / f"bat{n}").mkdir()
+        for i in range(big):
+            a = _part_image(rng, bool(i % 2))
+            b = _slice_image(rng, "cell", i % 2, "x")
+            for n in (small, big):
+                if i < n:
+                    save_image(tmp / f"crbl{n}" / f"p{i:03d}.png", a)
+                    save_image(tmp / f"bat{n}" / f"CT_cell_pouch_{i:03d}_x_100.png", b)
+        torch.manual_seed(0)
+        torch.save(crbl_model("crop").state_dict(), tmp / "crop.pth")
+        torch.save(battery_model("resnet18").state_dict(), tmp / "resnet18.pth")
+        cases = {"crbl crop (batch 32, 120x120 images)":
+                 ["crbl", "--model-type", "crop", "--weights", str(tmp / "crop.pth"), str(tmp / "crbl{N}"),
+                  "--out", str(tmp / "out" / "p.csv"), "--overwrite"],
+                 "battery_ct resnet18 (128x128)":
+                 ["battery_ct", "--model", "resnet18", "--weights", str(tmp / "resnet18.pth"), "--image-size", "128",
+                  "--images", str(tmp / "bat{N}"), "--out", str(tmp / "out"), "--workers", "0", "--overwrite"]}
+        for name, (script, *cli) in cases.items():
+            per = {False: [], True: []}
+            for r in range(max(3, args.rounds)):
+                for explain in ((False, True) if r % 2 == 0 else (True, False)):
+                    res = _run_json([sys.executable, str(REPO / "scripts" / "bench.py"), "_explain_worker", script,
+                                     str(int(explain)), str(small), str(big), str(args.repeats), *cli,
+                                     "--threads", threads])
+                    per[explain].append((res[str(big)] - res[str(small)]) / (big - small))
+                    print(f"  {name}: {'explain' if explain else 'plain'} {per[explain][-1] * 1000:.0f} ms/img",
+                          flush=True)
+            ms = {k: statistics.median(v) * 1000 for k, v in per.items()}
+            rows.append({"model": name, "images": f"{big} - {small}", "plain_ms_per_img": ms[False],
+                         "explain_ms_per_img": ms[True], "explain_vs_plain": ms[True] / ms[False], "goal": "<= 3",
+                         "rounds_ms": " / ".join(" ".join(f"{v * 1000:.0f}" for v in per[k]) for k in (False, True))})
+    report(rows, f"infer.py --explain (gradcam) vs plain, per image, {threads} threads, own processes, alternating")
+    return rows
+
+
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
             "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu,
-            "ddp": bench_ddp, "spectroformer": bench_spectroformer_only}
-CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx"]
+            "ddp": bench_ddp, "spectroformer": bench_spectroformer_only, "explain": bench_explain}
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx", "explain"]
 
 
 def main():
     if sys.argv[1:2] == ["_crbl_worker"]:
         return crbl_worker(sys.argv[2:])
+    if sys.argv[1:2] == ["_explain_worker"]:
+        return explain_worker(sys.argv[2:])
     if sys.argv[1:2] == ["_spectral_step_worker"]:
         return spectral_step_worker(sys.argv[2:])
     if sys.argv[1:2] == ["_ddp_step_worker"]:
