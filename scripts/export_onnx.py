@@ -9,6 +9,7 @@
   python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
   python scripts/export_onnx.py --task phaseformer --weights runs/phaseformer/*/best.pt --out pf.onnx --dynamic-size
   python scripts/export_onnx.py --task phaseformer --weights uieb.pth --head 2x --size 512 512 --out pf_2x.onnx
+  python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crop_int8.onnx --dynamic-batch --int8 --calib val.csv
 
 The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
 image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
@@ -32,6 +33,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from common.cli import ArgumentParser, POSITIVE_INT, add_threads_arg, apply_runtime_args, float_range, int_range
 from common.io import UserError, check_output_file, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, write
+from common.quantize import add_int8_args, check_int8_args, int8_from_args, load_calibration
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
 TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "spectral": "spectral.deploy",
@@ -66,7 +68,10 @@ def parse_args(argv=None):
                         "(default: the model's, 1e-5 for CRBL probabilities, 1e-4 for the battery and spectral models)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_threads_arg(p)
-    return p.parse_args(argv)
+    add_int8_args(p)
+    args = p.parse_args(argv)
+    check_int8_args(p, args)
+    return args
 
 
 def main(argv=None):
@@ -81,6 +86,7 @@ def main(argv=None):
     if "head" in extra and "head" not in takes:
         raise UserError(f"--head: --task {args.task} has one output head (phaseformer has two)")
     spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None, **extra)
+    calib = load_calibration(args, deploy, spec) if args.int8 else None
     tolerance = args.tolerance or spec.tolerance
     batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
     t0 = time.perf_counter()
@@ -102,10 +108,13 @@ def main(argv=None):
     if bad:
         raise UserError(f"{out}: not written: ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "
                         f"({', '.join(f'{n} {d:.2e}' for n, d in bad.items())})")
+    if args.int8:
+        data = int8_from_args(args, spec, data, calib)
     write(data, out)
     for note in spec.notes:
         print(note)
-    print(f"ONNX model written to {out} ({len(data) / 2**20:.1f} MB; within tolerance {tolerance:g}); run it with "
+    print(f"ONNX model written to {out} ({len(data) / 2**20:.1f} MB; {'int8, ' if args.int8 else ''}"
+          f"fp32 export within tolerance {tolerance:g}); run it with "
           f"python {args.task}/infer.py --engine onnxruntime --onnx {out} ...")
 
 

@@ -1,0 +1,344 @@
+"""Static int8 quantisation of exported models (ONNX Runtime, QDQ), with an accuracy guard.
+
+scripts/export_onnx.py --int8 --calib DATA calls quantize_with_guard(): the task's deploy module
+reads DATA (images with labels where the task has them), the images are split into a calibration
+half and a held-out half (alternating within each class), the fp32 graph is quantised by each
+recipe in turn on the calibration half, and the first recipe whose outputs on the held-out half
+pass the guard against the fp32 graph is written:
+
+    scores (crbl probability, ae score): Spearman rank correlation >= 0.99, |AUC int8 - AUC fp32|
+        <= 0.01 where the data has both labels, the same decision at the stored threshold for >= 99 %
+    classifiers: the same top-1 class for >= 99 % of the held-out images
+
+Why recipes and not "quantise everything": CRBL's bilinear head (outer product of two feature maps,
+signed square root, L2 normalisation) and its sigmoid near the 0.01 threshold do not survive int8
+(whole graph quantised: rank correlation with fp32 negative, AUC 0.97 -> 0.25). Everything after
+the last convolution (pooling, bilinear head, dense layers, softmax / sigmoid, the AE's error)
+stays fp32 in every recipe but `all`; it is a small share of the arithmetic.
+The recipe, calibration method, weight granularity and the guard's numbers go into the file's
+metadata (`precision`, `quantization`, `int8_guard`), which infer.py prints.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.io import UserError
+
+MIN_IMAGES = 32                 # 16 to calibrate, 16 held out: fewer say nothing about the guard
+MAX_IMAGES = 256                # Percentile / Entropy hold every activation of the calibration half
+GUARD = {"spearman": 0.99, "auc_delta": 0.01, "decisions": 0.99, "top1": 0.99}
+CALIB_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    op_types: tuple[str, ...] | None    # None: every operator type ONNX Runtime quantises
+    features_only: bool                 # leave every node after the graph's last Conv in fp32
+    per_channel: bool = True            # one weight scale per output channel (else per tensor)
+    method: str = "MinMax"              # calibration: MinMax | Entropy | Percentile
+    about: str = ""
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("features", None, True, about="every quantisable operator up to the last convolution in int8 "
+                                         "(convolutions, activations, SE blocks); the head after it in fp32"),
+    Recipe("conv", ("Conv",), True, about="convolutions only in int8; activations, pooling and the head in fp32"),
+    Recipe("conv-percentile", ("Conv",), True, method="Percentile",
+           about="convolutions only, activation ranges clipped at the 99.999th percentile"),
+    Recipe("all", None, False, about="the whole graph naively (head included): for comparison, fails the guard "
+                                     "on CRBL"),
+)}
+DEFAULT_ORDER = ("features", "conv", "conv-percentile")
+
+
+# ---------------------------------------------------------------- calibration data
+@dataclass
+class CalibrationSet:
+    inputs: tuple[torch.Tensor, ...]    # every image, as the graph's inputs (N, ...)
+    labels: torch.Tensor | None         # binary (1 = defect) for the AUC check, class indices for classifiers
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+
+def check_count(n: int, source: str) -> None:
+    if n < MIN_IMAGES:
+        raise UserError(f"--calib {source}: {n} image(s); int8 calibration needs at least {MIN_IMAGES} "
+                        f"(half calibrate, half check the accuracy guard)")
+
+
+def split_indices(n: int, labels: torch.Tensor | None) -> tuple[list[int], list[int]]:
+    """(calibration, held-out): alternate images within each class, so both halves see every class."""
+    order = sorted(range(n), key=lambda i: (int(labels[i]) if labels is not None else 0, i))
+    return order[0::2], order[1::2]
+
+
+def feeds(inputs: tuple[torch.Tensor, ...], names: list[str], batch: int | None) -> list[dict[str, np.ndarray]]:
+    """Input dicts for ONNX Runtime in batches (a fixed-batch graph: the last one padded by repeats)."""
+    size = batch or CALIB_BATCH
+    n = int(inputs[0].shape[0])
+    out = []
+    for i in range(0, n, size):
+        parts = [t[i:i + size].numpy().astype(np.float32) for t in inputs]
+        short = size - parts[0].shape[0] if batch else 0
+        if short:
+            parts = [np.concatenate([p, np.repeat(p[-1:], short, 0)]) for p in parts]
+        out.append(dict(zip(names, parts)))
+    return out
+
+
+# ---------------------------------------------------------------- quantisation
+def prepare(data: bytes, workdir: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation) for quantisation."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = workdir / "fp32.onnx", workdir / "prepared.onnx"
+    src.write_bytes(data)
+    quant_pre_process(str(src), str(dst))
+    return dst
+
+
+def excluded_after_last_conv(model) -> list[str]:
+    """Names of the nodes after the last Conv in the (topologically sorted) graph."""
+    last = max((i for i, n in enumerate(model.graph.node) if n.op_type == "Conv"), default=-1)
+    return [n.name for n in model.graph.node[last + 1:]]
+
+
+def quantize(prepared: Path, recipe: Recipe, calib: list[dict[str, np.ndarray]], workdir: Path) -> bytes:
+    """The QDQ int8 model of a prepared fp32 file (uint8 activations, int8 symmetric weights)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.set_range(0, len(calib))
+
+        def __len__(self):
+            return len(calib)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(calib[start_index:end_index])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    model = onnx.load(str(prepared))
+    for i, node in enumerate(model.graph.node):     # exclusion and the metadata need every node named
+        node.name = node.name or f"node_{i}_{node.op_type}"
+    named = workdir / "named.onnx"
+    onnx.save(model, str(named))
+    exclude = excluded_after_last_conv(model) if recipe.features_only else []
+    out = workdir / f"{recipe.name}.onnx"
+    quantize_static(str(named), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+                    nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, recipe.method),
+                    # MinMax one batch at a time: the ranges are merged, not every activation of every image
+                    # kept (ONNX Runtime's CalibMaxIntermediateOutputs drops the data it clears)
+                    extra_options={"CalibStridedMinMax": 1} if recipe.method == "MinMax" else {})
+    return out.read_bytes()
+
+
+# ---------------------------------------------------------------- the guard
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=r)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = ranks(np.asarray(a, np.float64)), ranks(np.asarray(b, np.float64))
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if np.array_equal(ra, rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.Tensor | None,
+          threshold: float | None, strict: bool = True) -> tuple[dict, list[str]]:
+    """(metrics, failures) of the int8 outputs `got` against the fp32 outputs `ref` on held-out images.
+    A classifier (a `label` output) is judged by top-1 agreement; a score output (probability or
+    score) by rank correlation, AUC and decisions at `threshold` (defect: score > threshold, or >=
+    with strict=False)."""
+    from common.metrics import roc_auc
+
+    m, fails = {"images": int(next(iter(ref.values())).shape[0])}, []
+    if "label" in ref:
+        m["top1"] = float((ref["label"] == got["label"]).mean())
+        if m["top1"] < GUARD["top1"]:
+            fails.append(f"top-1 agreement {m['top1']:.1%} < {GUARD['top1']:.0%}")
+        return m, fails
+    key = next(k for k in ("probability", "score") if k in ref)
+    a, b = ref[key].astype(np.float64), got[key].astype(np.float64)
+    m["spearman"] = spearman(a, b)
+    if m["spearman"] < GUARD["spearman"]:
+        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']}")
+    if labels is not None and int(labels.max()) == 1 and 0 < int(labels.sum()) < len(labels):
+        m["auc_fp32"] = float(roc_auc(labels, torch.from_numpy(a)))
+        m["auc_int8"] = float(roc_auc(labels, torch.from_numpy(b)))
+        m["auc_delta"] = m["auc_int8"] - m["auc_fp32"]
+        if abs(m["auc_delta"]) > GUARD["auc_delta"]:
+            fails.append(f"|AUC {m['auc_int8']:.4f} - fp32 {m['auc_fp32']:.4f}| = {abs(m['auc_delta']):.4f} "
+                         f"> {GUARD['auc_delta']}")
+    if threshold is not None:
+        flag_a, flag_b = (a > threshold, b > threshold) if strict else (a >= threshold, b >= threshold)
+        m["threshold"] = threshold
+        m["decisions"] = float((flag_a == flag_b).mean())
+        if m["decisions"] < GUARD["decisions"]:
+            fails.append(f"same decision at threshold {threshold:g} for {m['decisions']:.1%} < {GUARD['decisions']:.0%}")
+    m["max_abs_diff"] = float(np.abs(a - b).max())
+    return m, fails
+
+
+def describe(m: dict) -> str:
+    parts = [f"{m['images']} held-out images"]
+    if "top1" in m:
+        parts.append(f"top-1 agreement {m['top1']:.1%}")
+    if "spearman" in m:
+        parts.append(f"Spearman {m['spearman']:.4f}")
+    if "auc_fp32" in m:
+        parts.append(f"AUC {m['auc_fp32']:.4f} -> {m['auc_int8']:.4f}")
+    if "decisions" in m:
+        parts.append(f"same decision at {m['threshold']:g}: {m['decisions']:.1%}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- the export step
+def run_outputs(model: bytes | str, feeds_: list[dict[str, np.ndarray]], output_names: list[str], n: int,
+                threads: int = 0) -> dict[str, np.ndarray]:
+    from common.onnx import session
+    sess = session(model, ["CPUExecutionProvider"], threads=threads, verbose=False, name="int8 model")
+    outs = [sess.run(output_names, f) for f in feeds_]
+    return {name: np.concatenate([o[k] for o in outs])[:n] for k, name in enumerate(output_names)}
+
+
+def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[str], output_names: list[str],
+                        metadata: dict, batch: int | None, recipes: list[str] | None = None,
+                        force: bool = False, threads: int = 0, out_name: str = "the int8 model") -> bytes:
+    """The int8 model of the fp32 export `data`, with its metadata, from the first recipe that passes the
+    guard; a UserError naming each failed check unless `force` (then the last recipe tried is returned)."""
+    import onnx
+
+    check_count(len(calib), calib.source)
+    if len(calib) > MAX_IMAGES:
+        keep = torch.linspace(0, len(calib) - 1, MAX_IMAGES).round().long()
+        calib = CalibrationSet(tuple(t[keep] for t in calib.inputs),
+                               None if calib.labels is None else calib.labels[keep], calib.source)
+    cal_idx, held_idx = split_indices(len(calib), calib.labels)
+    cal_feeds = feeds(tuple(t[cal_idx] for t in calib.inputs), input_names, batch)
+    held_feeds = feeds(tuple(t[held_idx] for t in calib.inputs), input_names, batch)
+    held_labels = None if calib.labels is None else calib.labels[held_idx]
+    binary = held_labels if "label" not in output_names else None   # score models: 1 = defect
+    threshold = metadata.get("threshold")
+    strict = metadata.get("model") != "ae"
+    names = recipes or list(DEFAULT_ORDER)
+    for r in names:
+        if r not in RECIPES:
+            raise UserError(f"--int8-recipe {r}: choose from {', '.join(RECIPES)}")
+    ref = run_outputs(data, held_feeds, output_names, len(held_idx), threads)
+    if binary is None and "label" not in output_names:
+        print("note: the calibration data has no labels (or one class only): the AUC check is skipped")
+    with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
+        tmp = Path(tmp)
+        prepared = prepare(data, tmp)
+        for name in names:
+            recipe = RECIPES[name]
+            qdata = quantize(prepared, recipe, cal_feeds, tmp)
+            metrics, fails = guard(ref, run_outputs(qdata, held_feeds, output_names, len(held_idx), threads),
+                                   binary, threshold, strict)
+            print(f"  int8 recipe {name}: {describe(metrics)}: {'FAILS ' + '; '.join(fails) if fails else 'passes'}")
+            if not fails:
+                break
+    if fails and not force:
+        raise UserError(f"{out_name}: not written: int8 ({name}) fails the accuracy guard against fp32 on "
+                        f"{metrics['images']} held-out images: {'; '.join(fails)} (--force writes it anyway)")
+    model = onnx.load_from_string(qdata)
+    info = {"format": "QDQ", "recipe": name, "about": recipe.about, "activations": "uint8 asymmetric",
+            "weights": "int8 symmetric, " + ("per channel" if recipe.per_channel else "per tensor"),
+            "calibration_method": recipe.method, "calibration_images": len(cal_idx),
+            "calibration_source": calib.source, "tried": names[:names.index(name) + 1],
+            **{k: v for k, v in asdict(recipe).items() if k in ("op_types", "features_only")}}
+    meta = {**{p.key: p.value for p in model.metadata_props},
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
+            "precision": "int8", "quantization": json.dumps(info),
+            "int8_guard": json.dumps({**metrics, "passed": not fails, "failures": fails,
+                                      "limits": GUARD})}
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+
+def precision_note(meta: dict[str, str]) -> str | None:
+    """One line about a reduced-precision file's metadata for infer.py, None for an fp32 file."""
+    if meta.get("precision") != "int8":
+        return None
+    try:
+        info, g = json.loads(meta.get("quantization", "{}")), json.loads(meta.get("int8_guard", "{}"))
+    except json.JSONDecodeError:
+        return "int8 model (QDQ); its quantization metadata is unreadable"
+    state = "passed" if g.get("passed") else "FAILED (written with --force)"
+    return (f"int8 model (QDQ, recipe {info.get('recipe')}, {info.get('calibration_method')} calibration on "
+            f"{info.get('calibration_images')} images); accuracy guard vs fp32 {state}: {describe(g)}"
+            if "images" in g else f"int8 model (QDQ, recipe {info.get('recipe')})")
+
+
+# ---------------------------------------------------------------- scripts/export_onnx.py
+def add_int8_args(p) -> None:
+    g = p.add_argument_group("int8 (ONNX Runtime static quantisation, QDQ)")
+    g.add_argument("--int8", action="store_true",
+                   help="write a statically quantised int8 model, calibrated on --calib and checked against fp32 "
+                        "on its held-out half (Spearman >= 0.99, |dAUC| <= 0.01, same decisions >= 99%%; "
+                        "classifiers: top-1 agreement >= 99%%); crbl and battery_ct")
+    g.add_argument("--calib", type=Path, metavar="DATA",
+                   help="calibration images: crbl a folder or a CSV (image_path[,impurity]); battery_ct a split "
+                        f"file, a split folder (its train.txt) or a folder of images; at least {MIN_IMAGES}")
+    g.add_argument("--int8-recipe", choices=list(RECIPES), action="append",
+                   help="what to quantise (repeatable; default: " + ", ".join(DEFAULT_ORDER) + ", the first that "
+                        "passes the guard): " + "; ".join(f"{r.name}: {r.about}" for r in RECIPES.values()))
+    g.add_argument("--force", action="store_true", help="write the int8 model even if it fails the accuracy guard")
+
+
+def check_int8_args(p, args, supported: tuple[str, ...] = ("crbl", "battery_ct")) -> None:
+    if not args.int8:
+        for flag, given in (("--calib", args.calib), ("--int8-recipe", args.int8_recipe), ("--force", args.force)):
+            if given:
+                p.error(f"{flag} needs --int8")
+        return
+    if args.task not in supported:
+        p.error(f"--int8: --task {args.task} has no int8 export (only {', '.join(supported)})")
+    if args.calib is None:
+        p.error("--int8 needs --calib DATA (images to calibrate on and to check the int8 model with)")
+
+
+def load_calibration(args, deploy, spec) -> CalibrationSet:
+    """export_onnx.py --int8: the --calib images, read before the export so that bad data fails fast."""
+    if spec.metadata.get("model") == "deeplab_seg":
+        raise UserError("--int8: deeplab_seg has no int8 export (its guard would need per-pixel checks)")
+    try:
+        calib = deploy.calibration_set(args.calib, spec.metadata)
+    except UserError as e:
+        text = str(e)
+        raise UserError(text if text.startswith("--calib") else f"--calib: {text}") from None
+    print(f"int8: {len(calib)} images from {calib.source}: half calibrate, half check the guard")
+    return calib
+
+
+def int8_from_args(args, spec, data: bytes, calib: CalibrationSet) -> bytes:
+    """The int8 model of the checked fp32 export `data` (export_onnx.py --int8)."""
+    return quantize_with_guard(data, calib, spec.input_names, spec.output_names, spec.metadata,
+                               None if args.dynamic_batch else args.batch_size, args.int8_recipe, args.force,
+                               out_name=str(args.out))
