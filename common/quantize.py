@@ -21,6 +21,7 @@ metadata (`precision`, `quantization`, `int8_guard`), which infer.py prints.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,15 +48,16 @@ class Recipe:
 
 
 RECIPES = {r.name: r for r in (
-    Recipe("features", None, True, about="every quantisable operator up to the last convolution in int8 "
-                                         "(convolutions, activations, SE blocks); the head after it in fp32"),
-    Recipe("conv", ("Conv",), True, about="convolutions only in int8; activations, pooling and the head in fp32"),
-    Recipe("conv-percentile", ("Conv",), True, method="Percentile",
-           about="convolutions only, activation ranges clipped at the 99.999th percentile"),
-    Recipe("all", None, False, about="the whole graph naively (head included): for comparison, fails the guard "
-                                     "on CRBL"),
+    Recipe("features", None, True, method="Percentile",
+           about="every quantisable operator up to the last convolution in int8 (convolutions, activations, "
+                 "SE blocks), activation ranges clipped at the 99.999th percentile; the head after it in fp32"),
+    Recipe("features-minmax", None, True, about="as features, with activation ranges from their min and max"),
+    Recipe("conv", ("Conv",), True, method="Percentile",
+           about="convolutions only (the other operators fp32: more conversions, little faster than fp32)"),
+    Recipe("all", None, False, about="the whole graph naively, head included (MinMax): for comparison; fails the "
+                                     "guard on CRBL"),
 )}
-DEFAULT_ORDER = ("features", "conv", "conv-percentile")
+DEFAULT_ORDER = ("features", "conv")
 
 
 # ---------------------------------------------------------------- calibration data
@@ -81,9 +83,11 @@ def split_indices(n: int, labels: torch.Tensor | None) -> tuple[list[int], list[
     return order[0::2], order[1::2]
 
 
-def feeds(inputs: tuple[torch.Tensor, ...], names: list[str], batch: int | None) -> list[dict[str, np.ndarray]]:
-    """Input dicts for ONNX Runtime in batches (a fixed-batch graph: the last one padded by repeats)."""
-    size = batch or CALIB_BATCH
+def feeds(inputs: tuple[torch.Tensor, ...], names: list[str], batch: int | None,
+          size: int = CALIB_BATCH) -> list[dict[str, np.ndarray]]:
+    """Input dicts for ONNX Runtime in batches of `size` (a graph with a fixed batch: that batch, the
+    last one padded by repeats)."""
+    size = batch or size
     n = int(inputs[0].shape[0])
     out = []
     for i in range(0, n, size):
@@ -114,37 +118,48 @@ def excluded_after_last_conv(model) -> list[str]:
 
 def quantize(prepared: Path, recipe: Recipe, calib: list[dict[str, np.ndarray]], workdir: Path) -> bytes:
     """The QDQ int8 model of a prepared fp32 file (uint8 activations, int8 symmetric weights)."""
+    import inspect
+
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+                                          create_calibrator, quantize_static, save_tensors_data)
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.set_range(0, len(calib))
-
-        def __len__(self):
-            return len(calib)
-
-        def set_range(self, start_index: int, end_index: int):
-            self.it = iter(calib[start_index:end_index])
+        def __init__(self, start: int, end: int):
+            self.it = iter(calib[start:end])
 
         def get_next(self):
             return next(self.it, None)
 
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+        raise UserError(f"--int8 needs a newer onnxruntime (quantize_static with calibration_cache_path; installed: "
+                        f"{onnxruntime.__version__}): pip install -U onnxruntime")
     model = onnx.load(str(prepared))
     for i, node in enumerate(model.graph.node):     # exclusion and the metadata need every node named
         node.name = node.name or f"node_{i}_{node.op_type}"
     named = workdir / "named.onnx"
     onnx.save(model, str(named))
     exclude = excluded_after_last_conv(model) if recipe.features_only else []
+    op_types = list(recipe.op_types) if recipe.op_types else None
+    method = getattr(CalibrationMethod, recipe.method)
+    # Calibration here rather than inside quantize_static: the fp32 head's own tensors are left out
+    # of the histograms (CRBL's exact sign is Clip(phi * 2^127), whose product is inf for |phi| > 2,
+    # and a histogram of inf fails), and a few images at a time, the ranges / histograms merged
+    # (ONNX Runtime's CalibMaxIntermediateOutputs drops the data it clears).
+    calibrator = create_calibrator(named, op_types, augmented_model_path=str(workdir / "augmented.onnx"),
+                                   calibrate_method=method)
+    if getattr(calibrator, "tensors_to_calibrate", None):
+        calibrator.tensors_to_calibrate -= {o for n in model.graph.node if n.name in set(exclude) for o in n.output}
+    for start in range(0, len(calib), 4):
+        calibrator.collect_data(Reader(start, start + 4))
+    ranges = workdir / f"{recipe.name}.ranges.json"
+    save_tensors_data(calibrator.compute_data(), ranges)
+    del calibrator
     out = workdir / f"{recipe.name}.onnx"
-    quantize_static(str(named), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
-                    nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, recipe.method),
-                    # MinMax one batch at a time: the ranges are merged, not every activation of every image
-                    # kept (ONNX Runtime's CalibMaxIntermediateOutputs drops the data it clears)
-                    extra_options={"CalibStridedMinMax": 1} if recipe.method == "MinMax" else {})
+    quantize_static(str(named), str(out), None, quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                    nodes_to_exclude=exclude, calibrate_method=method, calibration_cache_path=str(ranges))
     return out.read_bytes()
 
 
@@ -237,7 +252,8 @@ def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[st
         calib = CalibrationSet(tuple(t[keep] for t in calib.inputs),
                                None if calib.labels is None else calib.labels[keep], calib.source)
     cal_idx, held_idx = split_indices(len(calib), calib.labels)
-    cal_feeds = feeds(tuple(t[cal_idx] for t in calib.inputs), input_names, batch)
+    # one image per run: ONNX Runtime's histogram calibration stacks the runs (they must have one size)
+    cal_feeds = feeds(tuple(t[cal_idx] for t in calib.inputs), input_names, batch, size=1)
     held_feeds = feeds(tuple(t[held_idx] for t in calib.inputs), input_names, batch)
     held_labels = None if calib.labels is None else calib.labels[held_idx]
     binary = held_labels if "label" not in output_names else None   # score models: 1 = defect

@@ -134,7 +134,7 @@ def test_int8_file_keeps_the_head_fp32_and_its_metadata(tiny, tiny_int8):
     assert json.loads(meta["threshold"]) == 0.01                      # the fp32 file's contract is kept
     info, g = json.loads(meta["quantization"]), json.loads(meta["int8_guard"])
     assert info["format"] == "QDQ" and info["recipe"] == "features" and info["calibration_images"] == 32
-    assert info["calibration_method"] == "MinMax" and "per channel" in info["weights"]
+    assert info["calibration_method"] == "Percentile" and "per channel" in info["weights"]
     assert g["passed"] and g["images"] == 32 and g["spearman"] >= 0.99 and abs(g["auc_delta"]) <= 0.01
     assert g["decisions"] >= 0.99
 
@@ -145,7 +145,7 @@ def test_crbl_infer_runs_the_int8_file(tiny, tiny_int8, crbl_val, tmp_path, caps
         crbl_infer([str(crbl_val), "--onnx", str(folder / f"{name}.onnx"), "--out", str(tmp_path / f"{name}.csv"),
                     "--threads", "1"])
     out = capsys.readouterr().out
-    assert "int8 model (QDQ, recipe features, MinMax calibration on 32 images); accuracy guard vs fp32 passed" in out
+    assert "int8 model (QDQ, recipe features, Percentile calibration on 32 images); accuracy guard vs fp32 passed" in out
     rows = {n: list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("fp32", "int8")}
     a = np.array([float(r["probability"]) for r in rows["fp32"]])
     b = np.array([float(r["probability"]) for r in rows["int8"]])
