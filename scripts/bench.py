@@ -1284,7 +1284,7 @@ def main():
     p.add_argument("--weights", type=Path, default=None,
                    help="phaseformer section: weights for the tiling seam test (e.g. a demo run's best.pt)")
     p.add_argument("--part", choices=("all", "data"), default="all", help="spectral section: only the data loader")
-    p.add_argument("--int8-recipe", default="conv", help="crbl, int8 sections: the export_onnx.py --int8-recipe timed")
+    p.add_argument("--int8-recipe", default="features", help="crbl, int8 sections: the export_onnx.py --int8-recipe timed")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     args = p.parse_args()
     if args.threads:
