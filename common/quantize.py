@@ -156,8 +156,9 @@ def kept_convs(model, rules: tuple[str, ...]) -> list[str]:
     return sorted(keep)
 
 
-def quantize(prepared: Path, recipe: Recipe, calib: list[dict[str, np.ndarray]], workdir: Path) -> bytes:
-    """The QDQ int8 model of a prepared fp32 file (uint8 activations, int8 symmetric weights)."""
+def quantize(prepared: Path, recipe: Recipe, calib: list[dict[str, np.ndarray]], workdir: Path) -> tuple[bytes, str]:
+    """(the QDQ int8 model of a prepared fp32 file (uint8 activations, int8 symmetric weights), the
+    calibration method used: the recipe's, or MinMax where ONNX Runtime's histogram of a tensor failed)."""
     import inspect
 
     import onnx
@@ -188,20 +189,30 @@ def quantize(prepared: Path, recipe: Recipe, calib: list[dict[str, np.ndarray]],
     # of the histograms (CRBL's exact sign is Clip(phi * 2^127), whose product is inf for |phi| > 2,
     # and a histogram of inf fails), and a few images at a time, the ranges / histograms merged
     # (ONNX Runtime's CalibMaxIntermediateOutputs drops the data it clears).
-    calibrator = create_calibrator(named, op_types, augmented_model_path=str(workdir / "augmented.onnx"),
-                                   calibrate_method=method)
-    if getattr(calibrator, "tensors_to_calibrate", None):
-        calibrator.tensors_to_calibrate -= {o for n in model.graph.node if n.name in set(head) for o in n.output}
-    for start in range(0, len(calib), 4):
-        calibrator.collect_data(Reader(start, start + 4))
+    def calibrate(method):
+        calibrator = create_calibrator(named, op_types, augmented_model_path=str(workdir / "augmented.onnx"),
+                                       calibrate_method=method)
+        if getattr(calibrator, "tensors_to_calibrate", None):
+            calibrator.tensors_to_calibrate -= {o for n in model.graph.node if n.name in set(head) for o in n.output}
+        for start in range(0, len(calib), 4):
+            calibrator.collect_data(Reader(start, start + 4))
+        return calibrator.compute_data()
+
+    try:
+        tensors = calibrate(method)
+    except ValueError as e:             # numpy: "Too many bins for data range" on a near-constant tensor
+        if method == CalibrationMethod.MinMax:
+            raise
+        print(f"  note: {recipe.method} calibration failed in ONNX Runtime ({str(e)[:80]}); MinMax ranges used")
+        method = CalibrationMethod.MinMax
+        tensors = calibrate(method)
     ranges = workdir / f"{recipe.name}.ranges.json"
-    save_tensors_data(calibrator.compute_data(), ranges)
-    del calibrator
+    save_tensors_data(tensors, ranges)
     out = workdir / f"{recipe.name}.onnx"
     quantize_static(str(named), str(out), None, quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
                     nodes_to_exclude=exclude, calibrate_method=method, calibration_cache_path=str(ranges))
-    return out.read_bytes()
+    return out.read_bytes(), method.name
 
 
 # ---------------------------------------------------------------- the guard
@@ -312,7 +323,7 @@ def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[st
         prepared = prepare(data, tmp)
         for name in names:
             recipe = RECIPES[name]
-            qdata = quantize(prepared, recipe, cal_feeds, tmp)
+            qdata, method = quantize(prepared, recipe, cal_feeds, tmp)
             metrics, fails = guard(ref, run_outputs(qdata, held_feeds, output_names, len(held_idx), threads),
                                    binary, threshold, strict)
             print(f"  int8 recipe {name}: {describe(metrics)}: {'FAILS ' + '; '.join(fails) if fails else 'passes'}")
@@ -324,7 +335,7 @@ def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[st
     model = onnx.load_from_string(qdata)
     info = {"format": "QDQ", "recipe": name, "about": recipe.about, "activations": "uint8 asymmetric",
             "weights": "int8 symmetric, " + ("per channel" if recipe.per_channel else "per tensor"),
-            "calibration_method": recipe.method, "calibration_images": len(cal_idx),
+            "calibration_method": method, "calibration_images": len(cal_idx),
             "calibration_source": calib.source, "tried": names[:names.index(name) + 1],
             **{k: v for k, v in asdict(recipe).items() if k in ("op_types", "features_only")}}
     meta = {**{p.key: p.value for p in model.metadata_props},
