@@ -264,7 +264,8 @@ def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.
         m["threshold"] = threshold
         m["decisions"] = float((flag_a == flag_b).mean())
         if m["decisions"] < GUARD["decisions"]:
-            fails.append(f"same decision at threshold {threshold:g} for {m['decisions']:.1%} < {GUARD['decisions']:.0%}")
+            fails.append(f"same decision at threshold {threshold:g} for {m['decisions']:.1%} "
+                         f"< {GUARD['decisions']:.0%}")
     m["max_abs_diff"] = float(np.abs(a - b).max())
     return m, fails
 

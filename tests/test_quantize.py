@@ -145,7 +145,8 @@ def test_crbl_infer_runs_the_int8_file(tiny, tiny_int8, crbl_val, tmp_path, caps
         crbl_infer([str(crbl_val), "--onnx", str(folder / f"{name}.onnx"), "--out", str(tmp_path / f"{name}.csv"),
                     "--threads", "1"])
     out = capsys.readouterr().out
-    assert "int8 model (QDQ, recipe features, Percentile calibration on 32 images); accuracy guard vs fp32 passed" in out
+    assert ("int8 model (QDQ, recipe features, Percentile calibration on 32 images); accuracy guard vs fp32 "
+            "passed") in out
     rows = {n: list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("fp32", "int8")}
     a = np.array([float(r["probability"]) for r in rows["fp32"]])
     b = np.array([float(r["probability"]) for r in rows["int8"]])
@@ -202,9 +203,10 @@ def test_battery_int8_export_and_infer(battery_weights, tmp_path, capsys):
     from battery_ct.infer import main as battery_infer
     split = ensure_builtin("battery_ct", BAT_VERSION, make_battery) / "test.txt"
     out = tmp_path / "r18_int8.onnx"
+    # --force: random weights give near-uniform probabilities, whose top-1 may flip
     export_main(["--task", "battery_ct", "--weights", str(battery_weights), "--model", "resnet18", "--size", "64",
-                 "64", "--out", str(out), "--dynamic-batch", "--int8", "--calib", str(split), "--int8-recipe", "features",
-                 "--force"])   # random weights: top-1 of near-uniform probabilities may flip
+                 "64", "--out", str(out), "--dynamic-batch", "--int8", "--calib", str(split),
+                 "--int8-recipe", "features", "--force"])
     printed = capsys.readouterr().out
     assert "int8: 60 images from" in printed and "int8 recipe features: 30 held-out images, top-1 agreement" in printed
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
