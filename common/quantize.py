@@ -317,11 +317,13 @@ def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[st
         if r not in RECIPES:
             raise UserError(f"--int8-recipe {r}: choose from {', '.join(RECIPES)}")
     ref = run_outputs(data, held_feeds, output_names, len(held_idx), threads)
-    if binary is None and "label" not in output_names:
-        print("note: the calibration data has no labels (or one class only): the AUC check is skipped")
+    if "label" not in output_names and (binary is None or int(binary.max()) != 1
+                                         or not 0 < int(binary.sum()) < len(binary)):
+        print("note: the held-out images lack labels of both kinds (normal / defect): the AUC check is skipped")
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         tmp = Path(tmp)
         prepared = prepare(data, tmp)
+        failed = []
         for name in names:
             recipe = RECIPES[name]
             qdata, method = quantize(prepared, recipe, cal_feeds, tmp)
@@ -330,15 +332,17 @@ def quantize_with_guard(data: bytes, calib: CalibrationSet, input_names: list[st
             print(f"  int8 recipe {name}: {describe(metrics)}: {'FAILS ' + '; '.join(fails) if fails else 'passes'}")
             if not fails:
                 break
+            failed.append(f"{name}: {', '.join(fails)}")
     if fails and not force:
-        raise UserError(f"{out_name}: not written: int8 ({name}) fails the accuracy guard against fp32 on "
-                        f"{metrics['images']} held-out images: {'; '.join(fails)} (--force writes it anyway)")
+        raise UserError(f"{out_name}: not written: no int8 recipe passes the accuracy guard against fp32 on "
+                        f"{metrics['images']} held-out images ({'; '.join(failed)}; --force writes the last one "
+                        f"anyway)")
     model = onnx.load_from_string(qdata)
     info = {"format": "QDQ", "recipe": name, "about": recipe.about, "activations": "uint8 asymmetric",
             "weights": "int8 symmetric, " + ("per channel" if recipe.per_channel else "per tensor"),
             "calibration_method": method, "calibration_images": len(cal_idx),
             "calibration_source": calib.source, "tried": names[:names.index(name) + 1],
-            **{k: v for k, v in asdict(recipe).items() if k in ("op_types", "features_only")}}
+            **{k: v for k, v in asdict(recipe).items() if k in ("op_types", "features_only", "keep_fp32")}}
     meta = {**{p.key: p.value for p in model.metadata_props},
             **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
             "precision": "int8", "quantization": json.dumps(info),
