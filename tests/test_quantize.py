@@ -216,6 +216,12 @@ def test_battery_int8_export_and_infer(battery_weights, tmp_path, capsys):
     assert "int8 model (QDQ" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
     assert len(rows) == 60
+    for amp in ("off", "bf16"):                     # the PyTorch engine with and without autocast
+        battery_infer(["--weights", str(battery_weights), "--model", "resnet18", "--image-size", "64", "--split",
+                       str(split), "--out", str(tmp_path / amp), "--workers", "0", "--threads", "1", "--amp", amp])
+    fp32, bf16 = (list(csv.DictReader(open(tmp_path / a / "predictions.csv"))) for a in ("off", "bf16"))
+    probs = [[float(v) for k, v in r.items() if k.startswith("prob_")] for r in fp32 + bf16]
+    assert np.abs(np.array(probs[:60]) - np.array(probs[60:])).max() < 0.02
 
 
 # ---------------------------------------------------------------- bf16 autocast (PyTorch engine)
