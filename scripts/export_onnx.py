@@ -1,6 +1,7 @@
 """Export a trained or converted model to ONNX, checked against PyTorch before it is written.
 
   python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crbl_crop.onnx --dynamic-batch
+  python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crop_int8.onnx --dynamic-batch --int8 --calib val.csv
   python scripts/export_onnx.py --task crbl --weights converted_full.pth --model full --out crbl_full.onnx
   python scripts/export_onnx.py --task battery_ct --weights runs/battery_ct/hdcnn-*/best.pt --out hdcnn.onnx
   python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
@@ -9,7 +10,6 @@
   python scripts/export_onnx.py --task spectral --weights cnn_gru_best.pt --config gru.yaml --out gru.onnx
   python scripts/export_onnx.py --task phaseformer --weights runs/phaseformer/*/best.pt --out pf.onnx --dynamic-size
   python scripts/export_onnx.py --task phaseformer --weights uieb.pth --head 2x --size 512 512 --out pf_2x.onnx
-  python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crop_int8.onnx --dynamic-batch --int8 --calib val.csv
 
 The file holds the same graph infer.py runs, pre- and post-processing included (the input is the
 image in [0, 1]; normalisation, softmax / sigmoid / decision rules are inside), and metadata that
