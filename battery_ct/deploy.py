@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 
 from battery_ct.data import IMAGENET_MEAN, IMAGENET_STD, _slice_image
-from battery_ct.model import CLASS_NAMES, MODEL_NAMES, anomaly_score
+from battery_ct.model import CLASS_NAMES, DEFECT_CLASSES, MODEL_NAMES, anomaly_score
 from battery_ct.train import TASK, classify
+from common.device import autocast
 from common.io import UserError
 from common.onnx import ExportSpec, data_rng, image_batch
 
@@ -47,8 +48,9 @@ def names(model: str) -> tuple[list[str], list[str]]:
 class BatteryGraph(nn.Module):
     """image in [0, 1] (+ metadata for late_fusion) -> the tuple of outputs named by names(model)."""
 
-    def __init__(self, model: nn.Module, name: str, normalize: str):
+    def __init__(self, model: nn.Module, name: str, normalize: str, amp_dtype: torch.dtype | None = None):
         super().__init__()
+        self.amp_dtype = amp_dtype          # infer.py --amp: the network under autocast, its outputs back in fp32
         if normalize not in NORMALIZATION:
             raise UserError(f"unknown input normalisation {normalize!r} (expected one of {', '.join(NORMALIZATION)})")
         mean, std = NORMALIZATION[normalize]
@@ -58,12 +60,18 @@ class BatteryGraph(nn.Module):
 
     def forward(self, image: torch.Tensor, *metadata: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (image - self.mean) / self.std              # torchvision Normalize's arithmetic
+        net = self.model if self.amp_dtype is None or torch.onnx.is_in_onnx_export() else self._low_precision
         if self.name == "ae":
-            return (anomaly_score(x, self.model(x)[0]),)
+            return (anomaly_score(x, net(x)[0]),)
         if self.name == "deeplab_seg":
-            return (self.model(x).float(),)
-        probs, pred, coarse = classify(self.model, self.name, x, metadata[0] if metadata else None)
+            return (net(x).float(),)
+        probs, pred, coarse = classify(net, self.name, x, metadata[0] if metadata else None)
         return (probs, pred) if coarse is None else (probs, pred, coarse)
+
+    def _low_precision(self, *inputs):
+        with autocast(inputs[0].device, self.amp_dtype):
+            out = self.model(*inputs)
+        return tuple(t.float() for t in out) if isinstance(out, (tuple, list)) else out.float()
 
 
 def metadata(cfg: dict, extra: dict, size: tuple[int, int], weights: Path) -> dict:
@@ -131,3 +139,31 @@ def graph_spec(net: nn.Module, cfg: dict, extra: dict, size: tuple[int, int] | N
     return ExportSpec(BatteryGraph(net, name, cfg["normalize"]).eval(), make_inputs, inputs, outputs,
                       metadata(cfg, extra, tuple(size), weights), tolerance=1e-4, notes=notes, spatial=spatial,
                       size_multiple=32 if name in ("convnext_tiny", "drn_aspp") else 8)
+
+
+def calibration_set(path: Path, meta: dict):
+    """--calib for --int8: a split file (path<TAB>label), a split folder (its train.txt: calibration
+    data should look like what the model sees) or a folder of images (no labels) -> the images resized
+    as infer.py feeds them (+ late-fusion metadata) and their labels."""
+    from battery_ct.data import SplitDataset, read_split
+    from common.data import list_images
+    from common.quantize import CalibrationSet, check_count
+
+    path = Path(path)
+    split = path / "train.txt" if path.is_dir() and (path / "train.txt").is_file() else path
+    labelled = split.is_file() and split.suffix.lower() == ".txt"
+    items = read_split(split, num_classes=int(meta.get("num_classes", len(CLASS_NAMES)))) if labelled \
+        else [(p, 0) for p in list_images(path)]
+    check_count(len(items), str(split))
+    h, w = meta["image_size"]
+    if h != w:
+        raise UserError(f"--size {h} {w}: --int8 calibrates square models only (battery_ct/infer.py feeds squares)")
+    ds = SplitDataset(items, h, with_meta=meta["model"] == "late_fusion", normalize="none")
+    samples = [ds[i] for i in range(len(ds))]
+    inputs = (torch.stack([s[0] for s in samples]),)
+    if meta["model"] == "late_fusion":
+        inputs += (torch.stack([s[1] for s in samples]),)
+    labels = torch.tensor([s[2] for s in samples]) if labelled else None
+    if labels is not None and meta["model"] == "ae":
+        labels = torch.isin(labels, torch.tensor(DEFECT_CLASSES)).long()     # the AUC of defect vs normal
+    return CalibrationSet(inputs, labels, str(split))

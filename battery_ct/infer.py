@@ -51,7 +51,7 @@ from common.checkpoint import require_task
 from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg, add_threads_arg,
                         apply_runtime_args, float_range, int_range)
 from common.data import ensure_builtin, list_images
-from common.device import select_device
+from common.device import AMP_CHOICES, amp_dtype, select_device
 from common.explain import add_explain_args
 from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
                        load_untrusted, load_weights_into, make_output_dir, refuse_output_over_inputs, run_cli,
@@ -85,12 +85,17 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     p.add_argument("--workers", type=WORKERS, default=2)
     p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
+    p.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                   help="PyTorch engine: the network under autocast (bf16 on CPUs with native bfloat16; softmax, "
+                        "the AE's error and the outputs in fp32; default off)")
     add_threads_arg(p)
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
     add_explain_args(p, CLASS_NAMES)
     args = p.parse_args(argv)
     resolve_engine(p, args)
+    if args.engine == "onnxruntime" and args.amp != "off":
+        p.error(f"--amp {args.amp}: PyTorch engine only (an exported file has its precision: export_onnx.py --int8)")
     if args.engine == "onnxruntime" and args.image_size is not None:
         p.error("--image-size: an ONNX model has its own input size (export another with --size)")
     return args
@@ -459,7 +464,7 @@ def main(argv=None):
     else:
         model, cfg, extra = load_model(args)
         device = select_device(args.device)
-        graph = BatteryGraph(model, cfg["model"], cfg["normalize"]).to(device).eval()
+        graph = BatteryGraph(model, cfg["model"], cfg["normalize"], amp_dtype(device, args.amp)).to(device).eval()
     task = args.task or ("segment" if cfg["model"] == "deeplab_seg" else "classify")
     if task == "classify" and cfg["model"] == "deeplab_seg":
         raise UserError(f"{args.weights or args.onnx}: deeplab_seg is a segmentation model: use --task segment")

@@ -219,6 +219,9 @@ def check_task(sess, path, task: str, hint: str) -> dict[str, str]:
             "it has no metadata from scripts/export_onnx.py"
         raise UserError(f"{path}: not a {task} model ({made}); export one with "
                         f"scripts/export_onnx.py --task {task} {hint}")
+    if meta.get("precision", "fp32") != "fp32":         # scripts/export_onnx.py --int8 (common.quantize)
+        from common.quantize import precision_note
+        print(f"{path}: {precision_note(meta) or meta['precision']}")
     return meta
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.device import in_chunks, in_inference_mode
+from common.device import autocast, in_chunks, in_inference_mode
 from common.io import UserError
 from common.onnx import ExportSpec, data_rng, image_batch
 from crbl.data import INPUT_SIZE, _part_image, preprocess_crop, preprocess_full
@@ -37,12 +37,17 @@ class CRBLProbability(nn.Module):
     (crbl/infer.py halves that number). The same arithmetic (identical outputs); the difference is
     that no core waits at a barrier after every operator for another one, which on a busy machine
     costs more than the operator (two intra-op threads on two loaded cores ran CRBL several times
-    slower than one)."""
+    slower than one).
 
-    def __init__(self, model: CRBL, streams: int = 1):
+    amp_dtype (infer.py --amp bf16): the two backbones under autocast; the bilinear head (signed square
+    root of values near 1e-12, L2 norm) and the sigmoid in fp32. Autocast is per thread, so each
+    stream enters it."""
+
+    def __init__(self, model: CRBL, streams: int = 1, amp_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.streams = streams
+        self.amp_dtype = amp_dtype
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="crbl") if streams > 1 else None
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
@@ -51,21 +56,38 @@ class CRBLProbability(nn.Module):
         if parallel:
             logits = self._two_streams(image)
         elif image.device.type == "cpu" and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            logits = in_chunks(self.model, image, CPU_CHUNK)
+            logits = in_chunks(self._one_stream, image, CPU_CHUNK)
         else:
-            logits = self.model(image)
+            logits = self.model(image) if torch.onnx.is_in_onnx_export() else self._one_stream(image)
         return (torch.sigmoid(logits.float())[:, 0],)
 
     def _two_streams(self, image: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = image.contiguous(memory_format=torch.channels_last)
-        other = self._pool.submit(in_inference_mode(in_chunks), m.backbone1.forward_channels_last, x, CPU_CHUNK)
-        f2 = in_chunks(m.backbone2.forward_channels_last, x, CPU_CHUNK)
+        other = self._pool.submit(in_inference_mode(in_chunks), self._amp(m.backbone1.forward_channels_last), x,
+                                  CPU_CHUNK)
+        f2 = in_chunks(self._amp(m.backbone2.forward_channels_last), x, CPU_CHUNK)
         f1 = other.result()
         half = (x.shape[0] + 1) // 2
         first = self._pool.submit(in_inference_mode(m.forward_head), (f1[:half], f2[:half]))
         rest = [m.forward_head((f1[half:], f2[half:]))] if x.shape[0] > half else []
         return torch.cat([first.result(), *rest])
+
+    def _amp(self, backbone):
+        if self.amp_dtype is None:
+            return backbone
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with autocast(x.device, self.amp_dtype):
+                return backbone(x).float()
+        return run
+
+    def _one_stream(self, image: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.model(image)
+        m, x = self.model, image.contiguous(memory_format=torch.channels_last)
+        return m.forward_head((self._amp(m.backbone1.forward_channels_last)(x),
+                               self._amp(m.backbone2.forward_channels_last)(x)))
 
 
 def metadata(model_type: str, size: tuple[int, int], weights: Path) -> dict:
@@ -106,3 +128,18 @@ def export_spec(weights: Path, model: str | None = None, size: tuple[int, int] |
     if thresholds:   # infer.py --engine onnxruntime --threshold val-f1|val-youden reads them from here
         meta["val_thresholds"] = {k: thresholds.get(k) for k in ("val_f1", "val_youden", "n_val", "epoch")}
     return ExportSpec(CRBLProbability(net), make_inputs, INPUT_NAMES, OUTPUT_NAMES, meta, tolerance=1e-5)
+def calibration_set(path: Path, meta: dict):
+    """--calib for --int8: a folder of images or a CSV (image_path[,impurity]) -> the preprocessed
+    images (as infer.py feeds them) and their labels where the CSV has them all."""
+    from common.quantize import CalibrationSet, check_count
+    from crbl.data import preprocess
+    from crbl.infer import collect_inputs
+
+    paths, labels = collect_inputs([Path(path)])
+    check_count(len(paths), str(path))
+    images = torch.stack([preprocess(p, meta["model"]) for p in paths])
+    if tuple(images.shape[-2:]) != tuple(meta["image_size"]):
+        images = nn.functional.interpolate(images, size=tuple(meta["image_size"]), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    y = torch.tensor([labels[p] for p in paths]) if len(labels) == len(paths) else None
+    return CalibrationSet((images,), y, str(path))

@@ -39,7 +39,7 @@ from common.checkpoint import require_task
 from common.cli import (BATCH_SIZE, ArgumentParser, add_max_pixels_arg, add_threads_arg, apply_runtime_args,
                         float_range)
 from common.data import list_images
-from common.device import cpu_streams, select_device
+from common.device import AMP_CHOICES, amp_dtype, cpu_streams, select_device
 from common.explain import add_explain_args
 from common.io import (UserError, atomic_write_text, check_output_file, load_state_strict, load_untrusted,
                        refuse_output_over_inputs, run_cli, state_dict_from)
@@ -161,6 +161,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32)
     p.add_argument("--device", default="auto", help="PyTorch engine: auto | cpu | cuda[:N] | mps | directml")
+    p.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                   help="PyTorch engine: the backbones under autocast (bf16 on CPUs with native bfloat16; the "
+                        "bilinear head stays fp32; default off). Accuracy and speed vs fp32: README, Reduced precision")
     add_threads_arg(p)
     add_max_pixels_arg(p)
     add_engine_args(p, default_engine=None)
@@ -175,6 +178,8 @@ def main(argv=None):
                 "not --weights")
     if not ort and args.onnx is not None:
         p.error("--onnx needs --engine onnxruntime")
+    if ort and args.amp != "off":
+        p.error(f"--amp {args.amp}: PyTorch engine only (an exported file has its precision: export_onnx.py --int8)")
     if args.combined is None and single is None:
         p.error("give --onnx FILE (or --combined CROP.onnx FULL.onnx)" if ort else
                 "give --weights (and --model-type for a converted file), or --combined CROP_WEIGHTS FULL_WEIGHTS")
@@ -200,10 +205,13 @@ def main(argv=None):
         streams = cpu_streams() if device.type == "cpu" else 1
         if streams > 1:
             print(f"CPU: {streams} streams (the two backbones at once) x {torch.get_num_threads()} thread(s)")
+        dtype = amp_dtype(device, args.amp)
+        if dtype is not None:
+            print(f"autocast {str(dtype).removeprefix('torch.')} in the backbones (the head in fp32)")
 
         def load(path, expected, role):
             model, stored, thresholds = load_model(path, expected, role)
-            return CRBLProbability(model, streams).eval(), stored, thresholds
+            return CRBLProbability(model, streams, dtype).eval(), stored, thresholds
     if args.combined:
         crop_m, _, crop_thr = load(args.combined[0], "crop", "--combined CROP_WEIGHTS FULL_WEIGHTS (first)")
         full_m, _, full_thr = load(args.combined[1], "full", "--combined CROP_WEIGHTS FULL_WEIGHTS (second)")

@@ -7,6 +7,7 @@
   python scripts/bench.py phaseformer  # vs a transcription of the official model; tiled 2048x2048 inference
   python scripts/bench.py spectroformer  # only the phaseformer section's Spectroformer rows (the old model)
   python scripts/bench.py spectral     # cnn_xattn train step and inference vs CR_recon; loader memory on 2 x 100,000 rows
+  python scripts/bench.py int8         # battery models: ONNX Runtime int8 vs fp32 (CRBL int8 and bf16: the crbl section)
   python scripts/bench.py gpu          # CUDA: every model in fp32 vs fp16 / bf16 autocast, + the common loop
   python scripts/bench.py colorize     # improved_unet vs a transcription of the original; evaluate.py vs skimage/OpenCV
   python scripts/bench.py ddp          # colorize under torchrun (2 CPU processes): frozen unused params vs find_unused_parameters
@@ -115,7 +116,7 @@ def bench_common(args, device: torch.device = torch.device("cpu")) -> list[dict]
 
 
 # ---------------------------------------------------------------- crbl
-CRBL_ENGINES = ("torch", "torch_one_stream", "onnxruntime")
+CRBL_ENGINES = ("torch", "torch_one_stream", "onnxruntime", "torch_bf16", "onnxruntime_int8")
 
 
 def crbl_worker(argv) -> None:
@@ -125,6 +126,7 @@ def crbl_worker(argv) -> None:
     p.add_argument("engine", choices=CRBL_ENGINES)
     p.add_argument("--weights", type=Path)
     p.add_argument("--onnx", type=Path)
+    p.add_argument("--onnx-int8", type=Path)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -138,12 +140,14 @@ def crbl_worker(argv) -> None:
         from crbl.deploy import CRBLProbability
         from common.device import cpu_streams
         from crbl.infer import load_model
-        streams = cpu_streams() if a.engine == "torch" else 1   # as crbl/infer.py sets it up
-        graph = CRBLProbability(load_model(a.weights, None, "bench")[0], streams).eval()
+        streams = cpu_streams() if a.engine != "torch_one_stream" else 1   # as crbl/infer.py sets it up
+        amp = torch.bfloat16 if a.engine == "torch_bf16" else None          # crbl/infer.py --amp bf16
+        graph = CRBLProbability(load_model(a.weights, None, "bench")[0], streams, amp).eval()
         run = torch.inference_mode()(lambda: graph(x))
     else:
         from common.onnx import OrtModel, session
-        graph = OrtModel(session(a.onnx, ["CPUExecutionProvider"], threads=a.threads, verbose=False))
+        path = a.onnx_int8 if a.engine == "onnxruntime_int8" else a.onnx
+        graph = OrtModel(session(path, ["CPUExecutionProvider"], threads=a.threads, verbose=False))
         run = lambda: graph(x)  # noqa: E731
     run()                                               # warm-up
     wall, cpu = [], []
@@ -161,6 +165,12 @@ def _run_json(cmd: list[str], env: dict | None = None) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _crbl_builtin_val() -> Path:
+    from common.data import ensure_builtin
+    from crbl.data import BUILTIN_VERSION, make_builtin_dataset
+    return ensure_builtin("crbl", BUILTIN_VERSION, make_builtin_dataset) / "val.csv"
 
 
 def bench_crbl(args) -> list[dict]:
@@ -186,17 +196,24 @@ def bench_crbl(args) -> list[dict]:
         for cmd in ([str(REPO / "scripts" / "convert_h5.py"), str(tmp / "crbl.h5"), str(tmp / "crbl.pth"),
                      "--model-type", "full"],
                     [str(REPO / "scripts" / "export_onnx.py"), "--task", "crbl", "--weights", str(tmp / "crbl.pth"),
-                     "--model", "full", "--out", str(tmp / "crbl.onnx"), "--dynamic-batch"]):
+                     "--model", "full", "--out", str(tmp / "crbl.onnx"), "--dynamic-batch"],
+                    # int8 of the same random weights, calibrated on the built-in images; --force: random
+                    # weights say nothing about accuracy (README: the guard's numbers on the demo checkpoint)
+                    [str(REPO / "scripts" / "export_onnx.py"), "--task", "crbl", "--weights", str(tmp / "crbl.pth"),
+                     "--model", "full", "--out", str(tmp / "crbl_int8.onnx"), "--dynamic-batch", "--int8",
+                     "--calib", str(_crbl_builtin_val()), "--force", "--int8-recipe", args.int8_recipe]):
             res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
             if res.returncode != 0:
                 raise SystemExit(f"{cmd[0]} failed:\n{res.stderr[-3000:]}")
         worker = [sys.executable, str(REPO / "scripts" / "bench.py"), "_crbl_worker", "--weights", str(tmp / "crbl.pth"),
-                  "--onnx", str(tmp / "crbl.onnx"), "--batch-size", str(bs), "--size", str(size),
+                  "--onnx", str(tmp / "crbl.onnx"), "--onnx-int8", str(tmp / "crbl_int8.onnx"),
+                  "--batch-size", str(bs), "--size", str(size),
                   "--threads", str(threads), "--repeats", str(args.repeats)]
-        sides = {e: (lambda e=e: _run_json(worker[:3] + [e] + worker[3:])) for e in CRBL_ENGINES}
+        engines = [e for e in CRBL_ENGINES if not args.models or e in args.models.split(",")]
+        sides = {e: (lambda e=e: _run_json(worker[:3] + [e] + worker[3:])) for e in engines}
         sides["keras"] = lambda: _run_json(keras_cmd, keras_env)
         for r in range(rounds):
-            order = [*CRBL_ENGINES, "keras"] if r % 2 == 0 else ["keras", *reversed(CRBL_ENGINES)]
+            order = [*engines, "keras"] if r % 2 == 0 else ["keras", *reversed(engines)]
             for side in order:
                 if side == "keras" and r == 0:
                     continue                            # round 1 of Keras ran above
@@ -206,8 +223,10 @@ def bench_crbl(args) -> list[dict]:
            for k, vals in results.items()}
     names = {"torch": "CRBL torch (crbl/infer.py default: two streams)",
              "torch_one_stream": "CRBL torch (one stream, all threads per operator)",
-             "onnxruntime": "CRBL ONNX Runtime CPU (exported)", "keras": "CRBL Keras predict (tf_keras + efficientnet)"}
-    for side in (*CRBL_ENGINES, "keras"):
+             "onnxruntime": "CRBL ONNX Runtime CPU (exported)", "keras": "CRBL Keras predict (tf_keras + efficientnet)",
+             "torch_bf16": "CRBL torch --amp bf16 (two streams; head fp32)",
+             "onnxruntime_int8": f"CRBL ONNX Runtime int8 (export_onnx.py --int8, recipe {args.int8_recipe})"}
+    for side in (*engines, "keras"):
         rows.append({"model": names[side], "batch": bs, "size": size, "img_s": med[side]["img_s"],
                      "vs_keras_predict": med[side]["img_s"] / med["keras"]["img_s"],
                      "img_per_cpu_s": med[side]["img_per_cpu_s"],
@@ -392,6 +411,49 @@ def bench_onnx(args) -> list[dict]:
                   f"({tt / to:.2f}x), max |diff| {diff:.1e}", flush=True)
     torch.set_num_threads(threads)
     report(rows, f"ONNX Runtime CPU vs PyTorch CPU, {threads} threads")
+    return rows
+
+
+# ---------------------------------------------------------------- int8
+def bench_int8(args) -> list[dict]:
+    """Battery CT models (random weights): ONNX Runtime int8 (export_onnx.py --int8's code, recipe
+    --int8-recipe, calibrated on the built-in test split) against the fp32 file, batch 8 at 256^2
+    (--quick 2 at 128^2), CPU provider, same threads; alternating rounds in one process (one
+    library, one thread pool each), median. The guard's numbers on random weights say nothing about
+    accuracy and are not reported (README: trained checkpoints)."""
+    from battery_ct.data import BUILTIN_VERSION, make_builtin_dataset
+    from battery_ct.deploy import calibration_set, graph_spec
+    from battery_ct.model import build_model
+    from battery_ct.train import normalization
+    from common.data import ensure_builtin
+    from common.onnx import OrtModel, export, session
+    from common.quantize import quantize_with_guard
+
+    threads = torch.get_num_threads()
+    bs, size = (2, 128) if args.quick else (8, 256)
+    names = args.models.split(",") if args.models else ["resnet18", "efficientnet_b0", "ae"]
+    split = ensure_builtin("battery_ct", BUILTIN_VERSION, make_builtin_dataset) / "test.txt"
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        cfg = {"model": name, "num_classes": 5, "image_size": size, "normalize": normalization(name)}
+        spec = graph_spec(build_model(name, num_classes=None if name == "ae" else 5).eval(), cfg, {}, (size, size),
+                          Path("random"))
+        fp32 = export(spec, batch=2, dynamic_batch=True)
+        int8 = quantize_with_guard(fp32, calibration_set(split, spec.metadata), spec.input_names, spec.output_names,
+                                   spec.metadata, None, [args.int8_recipe], force=True)
+        runners = {k: OrtModel(session(d, ["CPUExecutionProvider"], threads=threads, verbose=False))
+                   for k, d in (("fp32", fp32), ("int8", int8))}
+        inputs = spec.make_inputs(bs, torch.Generator().manual_seed(0))
+        t = {k: [] for k in runners}
+        for _ in range(3):
+            for k, run in runners.items():
+                t[k].append(timed(lambda: run(*inputs), args.repeats))
+        t32, t8 = statistics.median(t["fp32"]), statistics.median(t["int8"])
+        rows.append({"model": name, "batch": bs, "size": size, "fp32_img_s": bs / t32, "int8_img_s": bs / t8,
+                     "int8_vs_fp32": t32 / t8, "recipe": args.int8_recipe})
+        print(f"  {name}: fp32 {bs / t32:.3g} img/s, int8 {bs / t8:.3g} img/s ({t32 / t8:.2f}x)", flush=True)
+    report(rows, f"ONNX Runtime int8 vs fp32 (CPU), {threads} threads")
     return rows
 
 
@@ -1414,8 +1476,8 @@ def bench_explain(args) -> list[dict]:
 
 SECTIONS = {"common": bench_common, "crbl": bench_crbl, "battery_ct": bench_battery, "spectral": bench_spectral,
             "colorize": bench_colorize, "phaseformer": bench_phaseformer, "onnx": bench_onnx, "gpu": bench_gpu,
-            "ddp": bench_ddp, "spectroformer": bench_spectroformer_only, "explain": bench_explain}
-CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx", "explain"]
+            "ddp": bench_ddp, "spectroformer": bench_spectroformer_only, "explain": bench_explain, "int8": bench_int8}
+CPU_SECTIONS = ["common", "crbl", "battery_ct", "spectral", "colorize", "phaseformer", "onnx", "explain", "int8"]
 
 
 def main():
@@ -1434,10 +1496,12 @@ def main():
     p.add_argument("--repeats", type=int_range(1, 10_000), default=5)
     p.add_argument("--rounds", type=int_range(1, 1000), default=3, help="crbl, spectral, ddp: alternating rounds of the processes of each side (>= 3)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--models", help="gpu and onnx sections: only these (comma-separated, e.g. crbl_crop,deeplabv3)")
+    p.add_argument("--models", help="gpu, onnx, int8 sections: only these models (comma-separated, e.g. crbl_crop,deeplabv3); "
+                                    "crbl: only these sides (torch,torch_one_stream,onnxruntime,torch_bf16,onnxruntime_int8; Keras always)")
     p.add_argument("--weights", type=Path, default=None,
                    help="phaseformer section: weights for the tiling seam test (e.g. a demo run's best.pt)")
     p.add_argument("--part", choices=("all", "data"), default="all", help="spectral section: only the data loader")
+    p.add_argument("--int8-recipe", default="features", help="crbl, int8 sections: the export_onnx.py --int8-recipe timed")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench")
     args = p.parse_args()
     if args.threads:

@@ -1,6 +1,7 @@
 """Export a trained or converted model to ONNX, checked against PyTorch before it is written.
 
   python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crbl_crop.onnx --dynamic-batch
+  python scripts/export_onnx.py --task crbl --weights runs/crbl/crop-*/best.pt --out crop_int8.onnx --dynamic-batch --int8 --calib val.csv
   python scripts/export_onnx.py --task crbl --weights converted_full.pth --model full --out crbl_full.onnx
   python scripts/export_onnx.py --task battery_ct --weights runs/battery_ct/hdcnn-*/best.pt --out hdcnn.onnx
   python scripts/export_onnx.py --task battery_ct --weights deeplab_seg.pth --model deeplab_seg --size 640 640 --out seg.onnx
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # `python <folder>/<script>.py` from a checkout: 
 from common.cli import BATCH_SIZE, ArgumentParser, add_threads_arg, apply_runtime_args, float_range, int_range
 from common.io import UserError, check_output_file, refuse_output_over_inputs, run_cli
 from common.onnx import DEFAULT_OPSET, MAX_OPSET, compare, export, parity_limit, write
+from common.quantize import add_int8_args, check_int8_args, int8_from_args, load_calibration
 
 # task -> module with export_spec(weights, model, size) -> common.onnx.ExportSpec
 TASKS = {"crbl": "crbl.deploy", "battery_ct": "battery_ct.deploy", "spectral": "spectral.deploy",
@@ -71,13 +73,17 @@ def parse_args(argv=None):
                         "for the others)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_threads_arg(p)
-    return p.parse_args(argv)
+    add_int8_args(p)
+    args = p.parse_args(argv)
+    check_int8_args(p, args)
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     apply_runtime_args(args)
-    refuse_output_over_inputs([("--weights", args.weights), ("--config", args.config)], files=[("--out", args.out)])
+    refuse_output_over_inputs([("--weights", args.weights), ("--config", args.config), ("--calib", args.calib)],
+                              files=[("--out", args.out)])
     out = check_output_file(args.out, args.overwrite)
     deploy = importlib.import_module(TASKS[args.task])
     extra = {k: v for k, v in (("config", args.config), ("head", args.head)) if v is not None}
@@ -87,6 +93,7 @@ def main(argv=None):
     if "head" in extra and "head" not in takes:
         raise UserError(f"--head: --task {args.task} has one output head (phaseformer has two)")
     spec = deploy.export_spec(args.weights, args.model, tuple(args.size) if args.size else None, **extra)
+    calib = load_calibration(args, deploy, spec) if args.int8 else None
     tolerance = args.tolerance or spec.tolerance
     batch = 2 if args.dynamic_batch else args.batch_size   # 2: a traced batch of 1 can hide batch-size bugs
     t0 = time.perf_counter()
@@ -110,10 +117,13 @@ def main(argv=None):
     if bad:
         raise UserError(f"{out}: not written: ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "
                         f"({', '.join(f'{n} {d:.2e} > {limits[n]:.2e}' for n, d in bad.items())})")
+    if args.int8:
+        data = int8_from_args(args, spec, data, calib)
     write(data, out)
     for note in spec.notes:
         print(note)
-    print(f"ONNX model written to {out} ({len(data) / 2**20:.1f} MB; within tolerance {tolerance:g}); run it with "
+    print(f"ONNX model written to {out} ({len(data) / 2**20:.1f} MB; {'int8, ' if args.int8 else ''}"
+          f"fp32 export within tolerance {tolerance:g}); run it with "
           f"python {args.task}/infer.py --engine onnxruntime --onnx {out} ...")
 
 
