@@ -87,6 +87,15 @@ def fourier_upsample_core(x: torch.Tensor, amp_fuse: nn.Module, pha_fuse: nn.Mod
 
 
 # ---------------------------------------------------------------- building blocks
+def layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """nn.LayerNorm(C) over the channels; while autograd records, in NCHW memory order. The permuted
+    view (channels-last strides) makes the backward of the following convolutions, GELUs and q/k
+    norms copy or run on mixed layouts: one copy here saved 3-15% of the 256x256 training step's
+    CPU time. Without gradients the copy cost more than it saved (~8% of the forward)."""
+    out = channel_layer_norm(norm, x)
+    return out.contiguous() if torch.is_grad_enabled() and out.requires_grad else out
+
+
 class SpectroMDTA(nn.Module):
     """Channel attention as the original computes its output (see the module docstring)."""
 
@@ -132,8 +141,8 @@ class SpectroBlock(nn.Module):
         self.ffn = GDFN(channels, expansion_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(channel_layer_norm(self.norm1, x))
-        return x + self.ffn(channel_layer_norm(self.norm2, x))
+        x = x + self.attn(layer_norm_nchw(self.norm1, x))
+        return x + self.ffn(layer_norm_nchw(self.norm2, x))
 
 
 class SFCA(nn.Module):
