@@ -53,10 +53,11 @@ from common.cli import (BATCH_SIZE, WORKERS, ArgumentParser, add_max_pixels_arg,
 from common.data import ensure_builtin, list_images
 from common.device import AMP_CHOICES, amp_dtype, select_device
 from common.explain import add_explain_args
-from common.io import (UserError, atomic_open, atomic_write_text, check_output_dir, image_to_tensor, load_image,
+from common.io import (UserError, atomic_write_text, check_output_dir, image_to_tensor, load_image,
                        load_untrusted, load_weights_into, make_output_dir, refuse_output_over_inputs, run_cli,
                        save_image, state_dict_from)
 from common.metrics import classification_report, roc_auc, roc_auc_ovr, youden_threshold
+from common.report import plot_confusion
 from common.onnx import OrtModel, add_engine_args, open_exported, resolve_engine
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48],
@@ -206,30 +207,6 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(1.4 * n + 2.5, 1.2 * n + 2))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=35, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    hi = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if hi and cm[i, j] > hi / 2 else "black")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
 def fmt(v: float) -> str:
     return f"{v:.9g}"
 
@@ -358,7 +335,7 @@ def main_classify(args, model, cfg, extra, device):
                       f"support {v['support']}")
         atomic_write_text(out / "metrics.json", json.dumps(rep, indent=2) + "\n")
         plot_confusion(out / "confusion_matrix.png", np.asarray(rep["confusion_matrix"]), cm_names,
-                       f"{name} on {Path(source).name}")
+                       f"{name} on {Path(source).name}", xlabel="predicted", ylabel="true")
     print(f"outputs written to {out}: {', '.join(files)}")
     return out
 

@@ -72,22 +72,25 @@ def plot_roc(path: Path, y: np.ndarray, s: np.ndarray, threshold: float | None, 
     _savefig(fig, path)
 
 
-def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str) -> None:
+def plot_confusion(path: Path, cm: np.ndarray, names: list[str], title: str, xlabel: str = "decision",
+                   ylabel: str = "true label") -> None:
+    """The confusion matrix with its counts, sized so that 5 class names stay readable."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(names)
-    fig, ax = plt.subplots(figsize=(0.75 * n + 2.6, 0.65 * n + 2.4))
+    fig, ax = plt.subplots(figsize=(1.4 * n + 2.5, 1.2 * n + 2))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_xticks(range(n), names, rotation=35, ha="right")
     ax.set_yticks(range(n), names)
-    ax.set_xlabel("decision")
-    ax.set_ylabel("true label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
+    hi = cm.max() if cm.size else 0
     for i in range(n):
         for j in range(n):
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm.max() and cm[i, j] > cm.max() / 2 else "black")
+                    color="white" if hi and cm[i, j] > hi / 2 else "black")
     fig.tight_layout()
     _savefig(fig, path)
 
