@@ -19,7 +19,8 @@ threshold stored in the checkpoint by train.py (Youden's J on val), or --thresho
 --task segment runs a deeplab_seg state_dict (scripts/convert_deeplab.py --task segment) on
 ImageNet-normalised RGB images at their own size: --crop slide averages the logits of --window px
 windows every --stride px (images smaller than a window are padded with black), --crop whole runs
-the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image.
+the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image, and
+segments.csv (per image: each class's share of the pixels and the largest 1 - P(background)).
 --engine onnxruntime --onnx FILE runs an exported model (the same graph, battery_ct/deploy.py, with
 the same outputs and files); its size, model and threshold come from the file.
 """
@@ -423,8 +424,11 @@ def main_segment(args, graph, cfg, device, review=None):
         if writer is not None:      # --explain: the defect-class probability map
             writer.add(stem, rgb, review.segment_map(logits), review.segment_title(path))
         frac = np.bincount(mask.ravel(), minlength=n)[:n] / mask.size
-        rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac])
-    write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)], rows)
+        peak = float(1 - logits.float().softmax(1)[0, 0].min())     # the largest P(not background)
+        rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac]
+                    + [f"{peak:.6f}"])
+    write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)]
+              + ["max_defect_probability"], rows)
     how = "whole image" if args.crop == "whole" else f"sliding window {args.window}, stride {args.stride}"
     print(f"{len(paths)} image(s) segmented ({how}; {n} classes, class 0 drawn as background) from {source}")
     print(f"outputs written to {out}: <name>_mask.png (class indices), <name>_overlay.png, segments.csv")
