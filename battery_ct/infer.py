@@ -8,6 +8,7 @@
   python battery_ct/infer.py --weights seg.pth --task segment --crop slide --images scans/ --out masks/
   python battery_ct/infer.py --engine onnxruntime --onnx hdcnn.onnx --split test.txt     # scripts/export_onnx.py
   python battery_ct/infer.py --weights best.pt --explain --report --out review/   # maps, localisation, review page
+  python battery_ct/infer.py --weights seg.pth --task segment --images scans/ --explain --report --out seg-review/
 
 With labels (a split file) it writes metrics.json (accuracy, macro/weighted F1, per-class
 precision/recall/F1/support, confusion matrix, one-vs-rest ROC-AUC, normal-vs-defect summary),
