@@ -102,8 +102,6 @@ class Review:
         self.stems = output_stems(self.paths)
         self.out = Path(args.out)
         self.masks = None
-        if args.report and task == "segment":
-            raise UserError("--report: the review page is for classifiers and the autoencoder, not --task segment")
         if args.explain:
             check_output_dir(self.out / "explain", [f"{s}.{e}" for s in self.stems for e in ("npy", "png")],
                              args.overwrite)
@@ -128,7 +126,9 @@ class Review:
         return self.maps
 
     def finish_segment(self) -> None:
-        """--task segment --explain --masks: the localisation of the probability maps into metrics.json."""
+        """--task segment: the localisation of the probability maps into metrics.json (--explain
+        --masks), and the review page (--report) from segments.csv."""
+        local = None
         if self.args.explain:
             what = "1 - P(background)" if self.cls is None else f"P(class {self.cls})"
             print(f"probability maps ({what}) written to {self.out / 'explain'}: <stem>.npy, <stem>.png")
@@ -136,6 +136,62 @@ class Review:
             local = {**self.maps.loc.summary(), "method": "segmentation probability", "masks": str(self.masks.folder)}
             atomic_write_text(self.out / "metrics.json", json.dumps({"localisation": local}, indent=2) + "\n")
             print(describe(local))
+        if self.args.report:
+            self.segment_report(local)
+
+    def segment_report(self, local: dict | None) -> None:
+        """One row per image: score = the largest 1 - P(background) over its pixels; decision = the
+        segment path's own rule (defect when the written mask has a non-background pixel); true
+        label = the split's class, else with --masks whether the mask has a defect pixel."""
+        a, out = self.args, self.out
+        with open(out / "segments.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        scores = [float(r["max_defect_probability"]) for r in table]
+        shares = [1.0 - float(r["fraction_class0"]) for r in table]
+        flagged = [s > 0 for s in shares]
+        truth, label_text, source = None, [None] * len(table), None
+        if self.labelled:
+            truth = [lab in DEFECT_CLASSES for _, lab in self.items]
+            label_text = [CLASS_NAMES[lab] for _, lab in self.items]
+            source = "the split's class labels"
+        elif self.masks is not None:
+            masks = [self.masks.get(st) for st in self.stems]
+            truth = [m is not None and bool(m.any()) for m in masks]
+            label_text = ["defect (mask)" if t else "normal (no defect pixel in --masks)" for t in truth]
+            source = f"--masks {self.masks.folder} (a defect pixel in the mask = defect)"
+        rows = []
+        for i, (p, st) in enumerate(zip(self.paths, self.stems)):
+            decision = f"defect ({100 * shares[i]:.2f}% of pixels)" if flagged[i] else "normal"
+            rows.append(Row(p, st, scores[i], decision, flagged[i], label_text[i],
+                            None if truth is None else flagged[i] != truth[i],
+                            f"explain/{st}.png" if a.explain else table[i]["overlay"]))
+        summary = {"images": str(len(rows)), "flagged as defect": str(sum(flagged))}
+        y = s = cm = None
+        if truth is not None:
+            y, pred, s = np.array(truth), np.array(flagged), np.array(scores)
+            tp, fp = int((y & pred).sum()), int((~y & pred).sum())
+            fn, tn = int((y & ~pred).sum()), int((~y & ~pred).sum())
+            summary.update({"true labels": source, "accuracy (defect vs normal)": f"{(tp + tn) / len(y):.4g}",
+                            "defect recall": f"{tp / max(1, tp + fn):.4g}",
+                            "defect precision": f"{tp / max(1, tp + fp):.4g}"})
+            if y.any() and (~y).any():
+                from common.metrics import roc_auc
+                summary["ROC-AUC of the score"] = f"{roc_auc(y, s):.4g}"
+            cm = (np.array([[tn, fp], [fn, tp]]), ["normal", "defect"])
+        if local and local["pointing_game"] is not None:
+            summary["pointing game"] = f"{local['pointing_game']:.3f} (random map {local['random_map']['pointing_game']:.3f})"
+            summary["pixel ROC-AUC"] = f"{local['pixel_roc_auc']:.3f} (random map 0.5)"
+        text = ("defect when any pixel's most probable class is not background (class 0), the rule of the "
+                "written <name>_mask.png; no tunable threshold (argmax of the deeplab_seg logits)")
+        notes = ["score = the largest defect probability 1 - P(background) over the image's pixels "
+                 "(every flagged image scores > 0.5); the decision column gives the share of defect pixels"]
+        how = "whole image" if a.crop == "whole" else f"sliding window {a.window}, stride {a.stride}"
+        what = ("1 - P(background)" if self.cls is None else f"P(class {self.cls}) (--explain-class)") \
+            + " over the image" if a.explain else "the segmentation overlay (class colours)"
+        notes.append(f"segmentation: {how}; map column: {what}" + (f"; {describe(local)}" if local else ""))
+        page = write_report(out, rows, "battery CT deeplab_seg segmentation", text, summary, y, s, None, cm,
+                            notes=notes)
+        print(f"review page written to {page} (open it in a browser; works offline)")
 
     def explain_classifier(self, model: nn.Module, device, preds: list[int], scores: list[float]) -> MapWriter:
         a, name = self.args, self.cfg["model"]

@@ -8,6 +8,7 @@
   python battery_ct/infer.py --weights seg.pth --task segment --crop slide --images scans/ --out masks/
   python battery_ct/infer.py --engine onnxruntime --onnx hdcnn.onnx --split test.txt     # scripts/export_onnx.py
   python battery_ct/infer.py --weights best.pt --explain --report --out review/   # maps, localisation, review page
+  python battery_ct/infer.py --weights seg.pth --task segment --images scans/ --explain --report --out seg-review/
 
 With labels (a split file) it writes metrics.json (accuracy, macro/weighted F1, per-class
 precision/recall/F1/support, confusion matrix, one-vs-rest ROC-AUC, normal-vs-defect summary),
@@ -19,7 +20,8 @@ threshold stored in the checkpoint by train.py (Youden's J on val), or --thresho
 --task segment runs a deeplab_seg state_dict (scripts/convert_deeplab.py --task segment) on
 ImageNet-normalised RGB images at their own size: --crop slide averages the logits of --window px
 windows every --stride px (images smaller than a window are padded with black), --crop whole runs
-the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image.
+the image at once. Writes <name>_mask.png (class indices) and <name>_overlay.png per image, and
+segments.csv (per image: each class's share of the pixels and the largest 1 - P(background)).
 --engine onnxruntime --onnx FILE runs an exported model (the same graph, battery_ct/deploy.py, with
 the same outputs and files); its size, model and threshold come from the file.
 """
@@ -423,8 +425,11 @@ def main_segment(args, graph, cfg, device, review=None):
         if writer is not None:      # --explain: the defect-class probability map
             writer.add(stem, rgb, review.segment_map(logits), review.segment_title(path))
         frac = np.bincount(mask.ravel(), minlength=n)[:n] / mask.size
-        rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac])
-    write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)], rows)
+        peak = float(1 - logits.float().softmax(1)[0, 0].min())     # the largest P(not background)
+        rows.append([str(path), f"{stem}_mask.png", f"{stem}_overlay.png"] + [f"{v:.6f}" for v in frac]
+                    + [f"{peak:.6f}"])
+    write_csv(out / "segments.csv", ["path", "mask", "overlay"] + [f"fraction_class{i}" for i in range(n)]
+              + ["max_defect_probability"], rows)
     how = "whole image" if args.crop == "whole" else f"sliding window {args.window}, stride {args.stride}"
     print(f"{len(paths)} image(s) segmented ({how}; {n} classes, class 0 drawn as background) from {source}")
     print(f"outputs written to {out}: <name>_mask.png (class indices), <name>_overlay.png, segments.csv")

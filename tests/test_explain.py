@@ -315,3 +315,116 @@ def test_report_with_2000_rows_sorts_filters_and_loads_lazily_in_chromium(tmp_pa
         assert shot.shape[0] > 500 and shot.std() > 20                   # a drawn page, not a blank one
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- battery_ct/infer.py --task segment
+class _BrightIsDefect(torch.nn.Module):
+    """A hand-made 4-class segmenter: one 1x1 convolution on the normalised image; class 1 (defect)
+    grows with the brightness, class 2 is a constant, class 3 unlikely. Its map is known in closed form."""
+    W = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    B = [0.0, 0.0, -2.0, -5.0]
+
+    def __init__(self, num_classes=4, **_):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor(self.W).view(4, 3, 1, 1))
+            self.conv.bias.copy_(torch.tensor(self.B))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _expected_probs(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 4) class probabilities of _BrightIsDefect, computed here in float64."""
+    x = (rgb / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    z = x @ np.array(_BrightIsDefect.W).T + np.array(_BrightIsDefect.B)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture
+def segment_data(tmp_path, monkeypatch):
+    """Three 40x56 dark noisy slices, two with a bright 8x10 square pasted at rows 8:16, cols 36:46;
+    a split labelling the first square defective, the plain one normal and the second square normal
+    (a wrong decision); the square's mask; the hand-made segmenter as a plain state_dict."""
+    import battery_ct.infer
+    monkeypatch.setattr(battery_ct.infer, "build_model", lambda name, **kw: _BrightIsDefect())
+    rng = np.random.default_rng(0)
+    (tmp_path / "masks").mkdir()
+    lines = []
+    for stem, square, label in (("with_square", True, 1), ("plain", False, 0), ("square_called_normal", True, 0)):
+        rgb = rng.integers(20, 60, (40, 56, 3)).astype(np.uint8)
+        if square:
+            rgb[8:16, 36:46] = 250
+            mask = np.zeros((40, 56), np.uint8)
+            mask[8:16, 36:46] = 255
+            if label:
+                Image.fromarray(mask).save(tmp_path / "masks" / f"{stem}.png")
+        Image.fromarray(rgb).save(tmp_path / f"{stem}.png")
+        lines.append(f"{tmp_path / stem}.png\t{label}\n")
+    (tmp_path / "split.txt").write_text("".join(lines))
+    torch.save(_BrightIsDefect().state_dict(), tmp_path / "seg.pth")
+    return tmp_path
+
+
+def test_segment_map_is_the_defect_probability_and_peaks_on_the_pasted_square(segment_data):
+    from battery_ct.infer import main
+    root = segment_data
+    common = ["--weights", str(root / "seg.pth"), "--model", "deeplab_seg", "--task", "segment",
+              "--images", str(root / "with_square.png"), str(root / "plain.png"), "--explain"]
+    main(common + ["--crop", "slide", "--window", "32", "--stride", "24", "--out", str(root / "out")])
+    main(common + ["--crop", "whole", "--explain-class", "2", "--out", str(root / "class2")])
+    for stem in ("with_square", "plain"):
+        rgb = np.asarray(Image.open(root / f"{stem}.png").convert("RGB")).astype(np.float64)
+        probs = _expected_probs(rgb)
+        heat = np.load(root / "out" / "explain" / f"{stem}.npy")
+        assert heat.shape == (40, 56) and heat.dtype == np.float32 and np.isfinite(heat).all()
+        np.testing.assert_allclose(heat, 1 - probs[..., 0], atol=1e-5)        # 1 - P(background)
+        np.testing.assert_allclose(np.load(root / "class2" / "explain" / f"{stem}.npy"), probs[..., 2], atol=1e-5)
+        assert Image.open(root / "out" / "explain" / f"{stem}.png").height >= 256
+    heat = np.load(root / "out" / "explain" / "with_square.npy")
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert 8 <= y < 16 and 36 <= x < 46 and heat[8:16, 36:46].min() > 0.99
+    assert np.load(root / "out" / "explain" / "plain.npy").max() < 0.5    # nothing flagged on the plain slice
+
+
+def test_segment_report_rows_rule_and_labels(segment_data, capsys):
+    import json
+    from battery_ct.infer import main
+    root = segment_data
+    main(["--weights", str(root / "seg.pth"), "--model", "deeplab_seg", "--task", "segment", "--crop", "whole",
+          "--split", str(root / "split.txt"), "--out", str(root / "out"), "--explain", "--masks",
+          str(root / "masks"), "--report"])
+    page = (root / "out" / "report.html").read_text()
+    assert page.count('<tr class="') == 3
+    assert page.count('data-flagged="1"') == 2 and page.count('data-wrong="1"') == 1
+    assert "defect when any pixel&#x27;s most probable class is not background" in page
+    assert "score = the largest defect probability 1 - P(background)" in page
+    assert "defect (3.57% of pixels)" in page                       # 80 of 40x56 pixels
+    assert "cell_porosity" in page and "cell_normal" in page          # true labels from the split
+    assert 'src="explain/with_square.png"' in page
+    assert (root / "out" / "report_files" / "confusion.png").is_file()
+    loc = json.loads((root / "out" / "metrics.json").read_text())["localisation"]
+    assert loc["images_with_defect_masks"] == 1 and loc["pointing_game"] == 1.0
+    # without --explain the map column shows the segmentation overlay; labels from the masks
+    main(["--weights", str(root / "seg.pth"), "--model", "deeplab_seg", "--task", "segment", "--crop", "whole",
+          "--images", str(root / "with_square.png"), str(root / "plain.png"), "--out", str(root / "o2"), "--report"])
+    page = (root / "o2" / "report.html").read_text()
+    assert page.count('<tr class="') == 2 and 'src="with_square_overlay.png"' in page
+    assert "&ndash;" in page                                          # no true label known
+    capsys.readouterr()
+    line = run_cli_main(main, ["--weights", str(root / "seg.pth"), "--model", "deeplab_seg", "--task", "segment",
+                               "--images", str(root / "plain.png"), "--out", str(root / "o2"), "--report"], capsys)
+    assert "report.html already exists" in line
+
+
+@pytest.mark.parametrize("index", ["4", "0", "crack"])
+def test_segment_explain_class_out_of_range_is_one_clear_line(segment_data, capsys, index):
+    from battery_ct.infer import main
+    root = segment_data
+    line = run_cli_main(main, ["--weights", str(root / "seg.pth"), "--model", "deeplab_seg", "--task", "segment",
+                               "--images", str(root / "plain.png"), "--out", str(root / "o"), "--explain",
+                               "--explain-class", index], capsys)
+    assert line == f"error: --explain-class {index!r}: deeplab_seg takes a class index 1..3"
+    assert not (root / "o").exists()
