@@ -25,13 +25,13 @@ from PIL import Image
 import torch.nn as nn
 import torch.nn.functional as F
 
-from battery_ct.data import SplitDataset, read_split
+from battery_ct.data import BUILTIN_VERSION, SplitDataset, make_builtin_dataset, read_split
 from battery_ct.model import DEFECT_CLASSES, FocalLoss, build_model, load_converted
 from battery_ct.train import (ae_loss, ae_terms, main as train_main, make_optimizer, make_scheduler, normalization,
                               param_groups, threshold_from_scores, to_unit)
 from helpers import call, cli_error  # noqa: F401  (test_battery_infer imports them from here)
 from common.checkpoint import load_checkpoint
-from common.data import builtin_dir
+from common.data import builtin_dir, ensure_builtin
 from common.io import load_untrusted
 from common.metrics import roc_auc, ssim, youden_threshold
 
@@ -50,7 +50,8 @@ def script(path, *argv, check=True) -> subprocess.CompletedProcess:
 
 
 def builtin_split(name: str) -> Path:
-    return builtin_dir("battery_ct") / f"{name}.txt"
+    """A split of the built-in data, generated first if no earlier test has (any test may run alone)."""
+    return ensure_builtin("battery_ct", BUILTIN_VERSION, make_builtin_dataset) / f"{name}.txt"
 
 
 # ---------------------------------------------------------------- cached runs
