@@ -15,7 +15,9 @@ from common.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "tiny_train.py"
-FAST = ["--no-progress", "--samples", "64", "--batch-size", "8", "--epochs", "4"]  # 8 steps per epoch
+# 8 steps per epoch; one thread: the model is tiny, and with two, OpenMP barriers stall while other
+# processes keep the second core busy
+FAST = ["--no-progress", "--samples", "64", "--batch-size", "8", "--epochs", "4", "--threads", "1"]
 
 
 def tiny(*args, check=True, cmd_prefix=None):
@@ -131,7 +133,7 @@ def test_outputs_checkpoint_contents_and_periodic_files(tmp_path):
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     common = ["--no-progress", "--samples", "64", "--epochs", "2", "--norm", "none", "--no-dropout",
-              "--no-augment", "--device", "cpu"]
+              "--no-augment", "--device", "cpu", "--threads", "1"]
     tiny(*common, "--batch-size", 8, "--out", tmp_path / "single", "--save-every", 1)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     res = tiny(*common, "--batch-size", 4, "--out", tmp_path / "ddp", cmd_prefix=torchrun)
@@ -269,8 +271,8 @@ def test_nonfinite_skip_drops_only_those_updates_and_counts_them(tmp_path):
 
 def test_any_worker_count_gives_the_same_run(tmp_path):
     """Augmentation is drawn per (seed, epoch, index): --workers may change, also on a resume."""
-    tiny(*FAST, "--epochs", 2, "--workers", 0, "--out", tmp_path / "w0", "--threads", 1)
-    tiny(*FAST, "--epochs", 2, "--workers", 2, "--out", tmp_path / "w2", "--threads", 1)
+    tiny(*FAST, "--epochs", 2, "--workers", 0, "--out", tmp_path / "w0")
+    tiny(*FAST, "--epochs", 2, "--workers", 2, "--out", tmp_path / "w2")
     assert_bit_identical(model_state(tmp_path / "w0" / "last.pt"), model_state(tmp_path / "w2" / "last.pt"))
 
 

@@ -77,9 +77,22 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+def train_argv(data, out, model_type, *extra):
+    return ("--model-type", model_type, "--data", data, "--out", out, "--epochs", 1, "--batch-size", 4,
+            "--workers", 0, "--no-progress", *extra)
+
+
 def run_train(run_script, data, out, model_type, *extra):
-    return run_script("crbl/train.py", "--model-type", model_type, "--data", data, "--out", out, "--epochs", 1,
-                      "--batch-size", 4, "--workers", 0, "--no-progress", *extra)
+    """crbl/train.py in a subprocess, as a user runs it (once per file: the rest runs main(argv) in-process).
+    One thread: with two, OpenMP barriers stall while other processes keep the second core busy."""
+    return run_script("crbl/train.py", *train_argv(data, out, model_type, "--threads", 1, *extra))
+
+
+def train(data, out, model_type, *extra) -> str:
+    """crbl/train.py's main(argv) in the test process (one thread, no interpreter start): what it printed."""
+    from crbl.train import main
+    from helpers import call
+    return call(main, *train_argv(data, out, model_type, "--threads", 1, *extra))[1]
 
 
 def rows(path):
@@ -87,10 +100,16 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
+def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path, capsys):
+    from crbl.infer import main as infer_main
+    from helpers import call, cli_error
     for model_type in ("crop", "full"):
-        res = run_train(run_script, tiny_data, tmp_path / model_type, model_type)
-        assert res.returncode == 0, res.stderr[-2000:]
+        if model_type == "crop":   # as a user runs it; the full model in-process
+            res = run_train(run_script, tiny_data, tmp_path / model_type, model_type)
+            assert res.returncode == 0, res.stderr[-2000:]
+            stdout = res.stdout
+        else:
+            stdout = train(tiny_data, tmp_path / model_type, model_type)
         log = rows(tmp_path / model_type / "log.csv")
         assert len(log) == 1 and {"val_loss", "val_f1", "val_auc", "val_acc"} <= set(log[0])
         ckpt = torch.load(tmp_path / model_type / "best.pt", weights_only=True)
@@ -103,11 +122,11 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
             assert 0 < t["val_f1"] < 1 and 0 < t["val_youden"] < 1
             assert float(log[0]["val_thr_f1"]) == pytest.approx(t["val_f1"], rel=1e-3)
         assert {"val_acc_thr_f1", "val_f1_thr_f1", "val_thr_youden"} <= set(log[0])
-        assert "majority class (normal) always" in res.stdout and "(val-f1)" in res.stdout
+        assert "majority class (normal) always" in stdout and "(val-f1)" in stdout
 
     out = tmp_path / "preds.csv"
     res = run_script("crbl/infer.py", "--model-type", "full", "--weights", tmp_path / "full" / "best.pt",
-                     tiny_data / "val.csv", "--out", out, "--device", "cpu")
+                     tiny_data / "val.csv", "--out", out, "--device", "cpu", "--threads", 1)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"predictions written to {out}" in res.stdout and "labels found: accuracy=" in res.stdout
     preds = rows(out)
@@ -125,10 +144,9 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
     expected_thr = best_threshold(y, [float(r["probability"]) for r in preds], "f1")[0]
     assert stored["val_f1"] == pytest.approx(expected_thr, rel=1e-4)
     out_f1 = tmp_path / "preds_f1.csv"
-    res = run_script("crbl/infer.py", "--weights", tmp_path / "full" / "best.pt", "--threshold", "val-f1",
-                     tiny_data / "val.csv", "--out", out_f1, "--device", "cpu")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"probability > {stored['val_f1']:.4g} (val-f1: maximised F1 on the training run's 4 validation" in res.stdout
+    _, stdout = call(infer_main, "--weights", tmp_path / "full" / "best.pt", "--threshold", "val-f1",
+                     tiny_data / "val.csv", "--out", out_f1, "--device", "cpu", "--threads", 1)
+    assert f"probability > {stored['val_f1']:.4g} (val-f1: maximised F1 on the training run's 4 validation" in stdout
     for r in rows(out_f1):
         assert r["decision"] == ("defect" if float(r["probability"]) > stored["val_f1"] else "normal")
     # same weights through the API give the same probabilities
@@ -141,25 +159,25 @@ def test_train_then_infer_crop_and_full(run_script, tiny_data, tmp_path):
     np.testing.assert_allclose([float(r["probability"]) for r in preds], expected.numpy(), rtol=1e-4, atol=1e-6)
 
     combined = tmp_path / "combined.csv"
-    res = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
-                     tiny_data / "images", "--out", combined, "--device", "cpu", "--crop-threshold", "val-youden")
-    assert res.returncode == 0, res.stderr[-2000:]
+    _, stdout = call(infer_main, "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
+                     tiny_data / "images", "--out", combined, "--device", "cpu", "--crop-threshold", "val-youden",
+                     "--threads", 1)
     t_crop = torch.load(tmp_path / "crop" / "best.pt", weights_only=True)["extra"]["thresholds"]["val_youden"]
     for r in rows(combined):   # each model's own threshold: the crop one stored, the full one the default
         flagged = float(r["prob_crop"]) > t_crop or float(r["prob_full"]) > 0.5
         assert r["decision"] == ("defect" if flagged else "normal")
-    assert f"defect if crop > {t_crop:.4g} or full > 0.5" in res.stdout
-    again = run_script("crbl/infer.py", "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
-                       tiny_data / "images", "--out", combined, "--device", "cpu")
-    assert again.returncode != 0 and "already exists" in again.stderr  # never overwritten silently
+    assert f"defect if crop > {t_crop:.4g} or full > 0.5" in stdout
+    before = combined.read_bytes()
+    again = cli_error(infer_main, "--combined", tmp_path / "crop" / "best.pt", tmp_path / "full" / "best.pt",
+                      tiny_data / "images", "--out", combined, "--device", "cpu", capsys=capsys)
+    assert "already exists" in again and combined.read_bytes() == before  # never overwritten silently
 
 
-def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(run_script, tiny_data, tmp_path):
+def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(tiny_data, tmp_path):
     torch.manual_seed(7)
     init = build_model("crop").state_dict()
     torch.save(init, tmp_path / "init.pth")
-    res = run_train(run_script, tiny_data, tmp_path / "run", "crop", "--init", tmp_path / "init.pth")
-    assert res.returncode == 0, res.stderr[-2000:]
+    train(tiny_data, tmp_path / "run", "crop", "--init", tmp_path / "init.pth")
     trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     # Keras layers[:150] are frozen, including BatchNorm statistics; layers[150:] trained
     assert torch.equal(trained["backbone1.stem_conv.weight"], init["backbone1.stem_conv.weight"])
@@ -171,27 +189,27 @@ def test_init_and_backbone_weights_are_loaded_and_frozen_parts_kept(run_script, 
     b1, b2 = EfficientNetB0().state_dict(), EfficientNetB0().state_dict()
     torch.save(b1, tmp_path / "imagenet.pth")
     torch.save(b2, tmp_path / "noisy.pth")
-    res = run_train(run_script, tiny_data, tmp_path / "run2", "full", "--backbone-weights",
-                    tmp_path / "imagenet.pth", tmp_path / "noisy.pth")
-    assert res.returncode == 0, res.stderr[-2000:]
+    train(tiny_data, tmp_path / "run2", "full", "--backbone-weights", tmp_path / "imagenet.pth", tmp_path / "noisy.pth")
     trained = torch.load(tmp_path / "run2" / "last.pt", weights_only=True)["model"]
     for k in b1:  # the full model never changes its backbones
         assert torch.equal(trained[f"backbone1.{k}"], b1[k]) and torch.equal(trained[f"backbone2.{k}"], b2[k])
 
 
 def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_path, capsys):
+    from crbl.train import main as train_main
+    from helpers import cli_error
+    # training errors in-process (cli_error: exit status 2, exactly one line); the infer one below as a user sees it
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
-    res = run_train(run_script, tiny_data, tmp_path / "r1", "crop", "--init", tmp_path / "other.pth")
-    assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0 and "other.pth: weights do not fit CRBL" in res.stderr
+    msg = cli_error(train_main, *train_argv(tiny_data, tmp_path / "r1", "crop", "--init", tmp_path / "other.pth"),
+                    capsys=capsys)
+    assert "other.pth: weights do not fit CRBL" in msg
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.csv").write_text("image_path,impurity\nnope.png,1\n")
     (bad / "val.csv").write_text("image_path,impurity\nnope.png,1\n")
-    res = run_train(run_script, bad, tmp_path / "r2", "full")
-    assert res.returncode == 2 and "train.csv, line 2: image not found" in res.stderr
-    assert res.stderr.strip().count("\n") == 0
+    msg = cli_error(train_main, *train_argv(bad, tmp_path / "r2", "full", "--threads", 1), capsys=capsys)
+    assert "train.csv, line 2: image not found" in msg
 
     (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     torch.save(CRBL().state_dict(), tmp_path / "crbl.pth")
@@ -202,7 +220,6 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(run_script, tiny_data, tmp_pa
     assert not (tmp_path / "p.csv").exists()
     # converted weights carry no validation thresholds: one line, before any image is read (in-process)
     from crbl.infer import main as infer_main
-    from helpers import cli_error
     msg = cli_error(infer_main, "--model-type", "full", "--weights", tmp_path / "crbl.pth", "--threshold", "val-f1",
                     bad / "broken.png", "--out", tmp_path / "p.csv", "--device", "cpu", capsys=capsys)
     assert "crbl.pth: --threshold val-f1: it stores no validation thresholds" in msg

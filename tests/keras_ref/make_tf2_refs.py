@@ -116,11 +116,12 @@ other.save_weights(out.file("other.h5"))
 other.save_weights(out.file("other.weights.h5"))
 
 # ---------------------------------------------------------------- Keras's own loading of legacy files
-# (positional): does a crop-saved legacy .h5 load into the full-configured model?  Last, because a
-# failed load may leave the model half-assigned.
-_, _, fb1, fb2, _ = full_model = build_crbl(is_crop=False, odd_shape=xodd.shape[1:])
+# (positional): does a crop-saved legacy .h5 load into the full-configured model?  The same model,
+# configured as full again (set_trainable is all that tells the two apart; a second build costs ~12 s).
+# Last, because a failed load may leave the model half-assigned.
+set_trainable((b1, b2), is_crop=False)
 try:
-    full_model[0].load_weights(out.file("crop.h5"))
+    model.load_weights(out.file("crop.h5"))
     out.meta["keras_loads_crop_h5_into_full"] = "loaded"
 except Exception as e:  # noqa: BLE001 - we record whatever Keras does
     out.meta["keras_loads_crop_h5_into_full"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
