@@ -182,5 +182,9 @@ def check_replicas(model: torch.nn.Module, info: DistInfo, optimizer: torch.opti
 
 
 def cleanup(info: DistInfo) -> None:
+    """End of a run that every process reached: wait for all of them, then tear down. A process that
+    destroyed the group while another (rank 0 writing its summary) still held it left gloo's threads
+    to abort at exit ("terminate called without an active exception", exit -6 after a good run)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
