@@ -234,6 +234,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def close_pairs(scores: np.ndarray, gap: float) -> float:
+    """The share of the pairs of `scores` that lie less than `gap` apart: near-ties whose order an error
+    of that size can swap (a Spearman failure with many of them is int8 noise among near-equal scores,
+    e.g. the normal images of a weak model, rather than a changed ranking of distinct ones)."""
+    s = np.sort(np.asarray(scores, np.float64))
+    n = len(s)
+    if n < 2 or not gap > 0:
+        return 0.0
+    closer = np.searchsorted(s, s + gap, side="left") - np.arange(n) - 1   # partners above each score
+    return float(closer.sum() / (n * (n - 1) / 2))
+
+
 def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.Tensor | None,
           threshold: float | None, strict: bool = True) -> tuple[dict, list[str]]:
     """(metrics, failures) of the int8 outputs `got` against the fp32 outputs `ref` on held-out images.
@@ -251,8 +263,11 @@ def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.
     key = next(k for k in ("probability", "score") if k in ref)
     a, b = ref[key].astype(np.float64), got[key].astype(np.float64)
     m["spearman"] = spearman(a, b)
+    m["median_abs_diff"] = float(np.median(np.abs(a - b)))
+    m["close_pairs"] = close_pairs(a, m["median_abs_diff"])
     if m["spearman"] < GUARD["spearman"]:
-        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']}")
+        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']} (int8 moves a score by {m['median_abs_diff']:.2g} "
+                     f"(median), more than the gap between {m['close_pairs']:.0%} of the pairs of fp32 scores)")
     if labels is not None and int(labels.max()) == 1 and 0 < int(labels.sum()) < len(labels):
         m["auc_fp32"] = float(roc_auc(labels, torch.from_numpy(a)))
         m["auc_int8"] = float(roc_auc(labels, torch.from_numpy(b)))

@@ -23,7 +23,7 @@ from helpers import cli_error
 from common.data import ensure_builtin
 from common.io import UserError
 from common.onnx import ExportSpec, export, read_metadata, session
-from common.quantize import (CalibrationSet, MIN_IMAGES, guard, precision_note, quantize_with_guard, spearman,
+from common.quantize import (CalibrationSet, MIN_IMAGES, close_pairs, guard, precision_note, quantize_with_guard, spearman,
                              split_indices)
 from crbl.data import BUILTIN_VERSION, make_builtin_dataset
 from crbl.deploy import CRBLProbability, calibration_set, metadata
@@ -105,6 +105,25 @@ def test_guard_metrics_and_failures():
     m, fails = guard({"label": np.array([0, 1, 2, 3] * 25)}, {"label": np.array([0, 1, 2, 3] * 24 + [1, 1, 1, 1])},
                      None, None)
     assert m["top1"] == 0.97 and fails == ["top-1 agreement 97.0% < 99%"]
+
+
+def test_guard_says_when_spearman_fails_among_near_ties():
+    """As on the demo CRBL checkpoint: half the held-out scores (the normal images of a weakly trained
+    model) lie within 0.003 of each other, the rest far apart; an int8-sized error reorders only the
+    near-ties. Spearman fails, and the message says how many pairs of fp32 scores lie closer than
+    int8's typical change (checked against a count of every pair)."""
+    g = np.random.default_rng(0)
+    a = np.concatenate([0.128 + 0.003 * g.random(16), np.linspace(0.5, 0.7, 16)])
+    b = a + g.normal(0, 0.002, 32)
+    m, fails = guard({"probability": a}, {"probability": b}, torch.arange(32) // 16, 0.01)
+    med = float(np.median(np.abs(a - b)))
+    brute = sum(abs(a[i] - a[j]) < med for i in range(32) for j in range(i + 1, 32)) / (32 * 31 / 2)
+    assert m["median_abs_diff"] == pytest.approx(med) and m["close_pairs"] == pytest.approx(brute) and brute > 0.05
+    assert m["auc_delta"] == 0 and m["decisions"] == 1.0 and m["spearman"] < 0.99
+    assert fails == [f"Spearman {m['spearman']:.4f} < 0.99 (int8 moves a score by {med:.2g} (median), more than the "
+                     f"gap between {brute:.0%} of the pairs of fp32 scores)"]
+    assert close_pairs(np.array([1.0, 1.0, 2.0]), 0.5) == pytest.approx(1 / 3)      # an exact tie is one pair
+    assert close_pairs(np.array([1.0, 1.0, 2.0]), 0.0) == 0.0 and close_pairs(np.array([3.0]), 1.0) == 0.0
 
 
 def test_guard_refuses_the_naively_quantised_bilinear_head(tiny):
