@@ -156,6 +156,7 @@ def test_int8_file_keeps_the_head_fp32_and_its_metadata(tiny, tiny_int8):
     assert info["calibration_method"] == "Percentile" and "per channel" in info["weights"]
     assert g["passed"] and g["images"] == 32 and g["spearman"] >= 0.99 and abs(g["auc_delta"]) <= 0.01
     assert g["decisions"] >= 0.99
+    assert 0 < g["median_abs_diff"] <= g["max_abs_diff"] and 0 <= g["close_pairs"] <= 1
 
 
 def test_crbl_infer_runs_the_int8_file(tiny, tiny_int8, crbl_val, tmp_path, capsys):
