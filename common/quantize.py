@@ -42,7 +42,7 @@ CALIB_BATCH = 8
 class Recipe:
     name: str
     op_types: tuple[str, ...] | None    # None: every operator type ONNX Runtime quantises
-    features_only: bool                 # leave every node after the graph's last Conv in fp32
+    features_only: bool                 # leave every node that no Conv follows in fp32 (the head)
     per_channel: bool = True            # one weight scale per output channel (else per tensor)
     method: str = "MinMax"              # calibration: MinMax | Entropy | Percentile
     about: str = ""
@@ -116,9 +116,20 @@ def prepare(data: bytes, workdir: Path) -> Path:
 
 
 def excluded_after_last_conv(model) -> list[str]:
-    """Names of the nodes after the last Conv in the (topologically sorted) graph."""
-    last = max((i for i, n in enumerate(model.graph.node) if n.op_type == "Conv"), default=-1)
-    return [n.name for n in model.graph.node[last + 1:]]
+    """Names of the nodes that no Conv follows (the head: CRBL's bilinear pooling and what comes after it,
+    the dense layers, softmax / sigmoid, the AE's error). Found from the graph's edges, not from the
+    position of the last Conv in the node list: in a two-branch graph (CRBL) the sorted list may place
+    one branch's final activation before the other branch's last Conv."""
+    nodes = list(model.graph.node)
+    used_by: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    conv_after: dict[str, bool] = {}
+    for n in reversed(nodes):               # topologically sorted: a node's consumers come after it
+        conv_after[n.name] = any(m.op_type == "Conv" or conv_after[m.name] for o in n.output
+                                 for m in used_by.get(o, []))
+    return [n.name for n in nodes if n.op_type != "Conv" and not conv_after[n.name]]
 
 
 def kept_convs(model, rules: tuple[str, ...]) -> list[str]:
