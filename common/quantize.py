@@ -277,8 +277,9 @@ def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.
     m["median_abs_diff"] = float(np.median(np.abs(a - b)))
     m["close_pairs"] = close_pairs(a, m["median_abs_diff"])
     if m["spearman"] < GUARD["spearman"]:
-        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']} (int8 moves a score by {m['median_abs_diff']:.2g} "
-                     f"(median), more than the gap between {m['close_pairs']:.0%} of the pairs of fp32 scores)")
+        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']} (int8 moves a score by "
+                     f"{m['median_abs_diff']:.2g} (median), more than the gap between {m['close_pairs']:.0%} of the "
+                     f"pairs of fp32 scores)")
     if labels is not None and int(labels.max()) == 1 and 0 < int(labels.sum()) < len(labels):
         m["auc_fp32"] = float(roc_auc(labels, torch.from_numpy(a)))
         m["auc_int8"] = float(roc_auc(labels, torch.from_numpy(b)))
