@@ -42,7 +42,7 @@ CALIB_BATCH = 8
 class Recipe:
     name: str
     op_types: tuple[str, ...] | None    # None: every operator type ONNX Runtime quantises
-    features_only: bool                 # leave every node after the graph's last Conv in fp32
+    features_only: bool                 # leave every node that no Conv follows in fp32 (the head)
     per_channel: bool = True            # one weight scale per output channel (else per tensor)
     method: str = "MinMax"              # calibration: MinMax | Entropy | Percentile
     about: str = ""
@@ -116,9 +116,20 @@ def prepare(data: bytes, workdir: Path) -> Path:
 
 
 def excluded_after_last_conv(model) -> list[str]:
-    """Names of the nodes after the last Conv in the (topologically sorted) graph."""
-    last = max((i for i, n in enumerate(model.graph.node) if n.op_type == "Conv"), default=-1)
-    return [n.name for n in model.graph.node[last + 1:]]
+    """Names of the nodes that no Conv follows (the head: CRBL's bilinear pooling and what comes after it,
+    the dense layers, softmax / sigmoid, the AE's error). Found from the graph's edges, not from the
+    position of the last Conv in the node list: in a two-branch graph (CRBL) the sorted list may place
+    one branch's final activation before the other branch's last Conv."""
+    nodes = list(model.graph.node)
+    used_by: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    conv_after: dict[str, bool] = {}
+    for n in reversed(nodes):               # topologically sorted: a node's consumers come after it
+        conv_after[n.name] = any(m.op_type == "Conv" or conv_after[m.name] for o in n.output
+                                 for m in used_by.get(o, []))
+    return [n.name for n in nodes if n.op_type != "Conv" and not conv_after[n.name]]
 
 
 def kept_convs(model, rules: tuple[str, ...]) -> list[str]:
@@ -234,6 +245,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def close_pairs(scores: np.ndarray, gap: float) -> float:
+    """The share of the pairs of `scores` that lie less than `gap` apart: near-ties whose order an error
+    of that size can swap (a Spearman failure with many of them is int8 noise among near-equal scores,
+    e.g. the normal images of a weak model, rather than a changed ranking of distinct ones)."""
+    s = np.sort(np.asarray(scores, np.float64))
+    n = len(s)
+    if n < 2 or not gap > 0:
+        return 0.0
+    closer = np.searchsorted(s, s + gap, side="left") - np.arange(n) - 1   # partners above each score
+    return float(closer.sum() / (n * (n - 1) / 2))
+
+
 def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.Tensor | None,
           threshold: float | None, strict: bool = True) -> tuple[dict, list[str]]:
     """(metrics, failures) of the int8 outputs `got` against the fp32 outputs `ref` on held-out images.
@@ -251,8 +274,12 @@ def guard(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: torch.
     key = next(k for k in ("probability", "score") if k in ref)
     a, b = ref[key].astype(np.float64), got[key].astype(np.float64)
     m["spearman"] = spearman(a, b)
+    m["median_abs_diff"] = float(np.median(np.abs(a - b)))
+    m["close_pairs"] = close_pairs(a, m["median_abs_diff"])
     if m["spearman"] < GUARD["spearman"]:
-        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']}")
+        fails.append(f"Spearman {m['spearman']:.4f} < {GUARD['spearman']} (int8 moves a score by "
+                     f"{m['median_abs_diff']:.2g} (median), more than the gap between {m['close_pairs']:.0%} of the "
+                     f"pairs of fp32 scores)")
     if labels is not None and int(labels.max()) == 1 and 0 < int(labels.sum()) < len(labels):
         m["auc_fp32"] = float(roc_auc(labels, torch.from_numpy(a)))
         m["auc_int8"] = float(roc_auc(labels, torch.from_numpy(b)))

@@ -23,8 +23,8 @@ from helpers import cli_error
 from common.data import ensure_builtin
 from common.io import UserError
 from common.onnx import ExportSpec, export, read_metadata, session
-from common.quantize import (CalibrationSet, MIN_IMAGES, guard, precision_note, quantize_with_guard, spearman,
-                             split_indices)
+from common.quantize import (CalibrationSet, MIN_IMAGES, close_pairs, excluded_after_last_conv, guard, precision_note,
+                             quantize_with_guard, spearman, split_indices)
 from crbl.data import BUILTIN_VERSION, make_builtin_dataset
 from crbl.deploy import CRBLProbability, calibration_set, metadata
 from crbl.infer import main as crbl_infer
@@ -107,6 +107,66 @@ def test_guard_metrics_and_failures():
     assert m["top1"] == 0.97 and fails == ["top-1 agreement 97.0% < 99%"]
 
 
+def test_guard_says_when_spearman_fails_among_near_ties():
+    """As on the demo CRBL checkpoint: half the held-out scores (the normal images of a weakly trained
+    model) lie within 0.003 of each other, the rest far apart; an int8-sized error reorders only the
+    near-ties. Spearman fails, and the message says how many pairs of fp32 scores lie closer than
+    int8's typical change (checked against a count of every pair)."""
+    g = np.random.default_rng(0)
+    a = np.concatenate([0.128 + 0.003 * g.random(16), np.linspace(0.5, 0.7, 16)])
+    b = a + g.normal(0, 0.002, 32)
+    m, fails = guard({"probability": a}, {"probability": b}, torch.arange(32) // 16, 0.01)
+    med = float(np.median(np.abs(a - b)))
+    brute = sum(abs(a[i] - a[j]) < med for i in range(32) for j in range(i + 1, 32)) / (32 * 31 / 2)
+    assert m["median_abs_diff"] == pytest.approx(med) and m["close_pairs"] == pytest.approx(brute) and brute > 0.05
+    assert m["auc_delta"] == 0 and m["decisions"] == 1.0 and m["spearman"] < 0.99
+    assert fails == [f"Spearman {m['spearman']:.4f} < 0.99 (int8 moves a score by {med:.2g} (median), more than the "
+                     f"gap between {brute:.0%} of the pairs of fp32 scores)"]
+    assert close_pairs(np.array([1.0, 1.0, 2.0]), 0.5) == pytest.approx(1 / 3)      # an exact tie is one pair
+    assert close_pairs(np.array([1.0, 1.0, 2.0]), 0.0) == 0.0 and close_pairs(np.array([3.0]), 1.0) == 0.0
+
+
+def _no_conv_follows(model) -> set[str]:
+    """Independently: the nodes from which a forward walk over the graph's edges reaches no Conv."""
+    nodes = list(model.graph.node)
+
+    def reaches_conv(start) -> bool:
+        todo, seen = list(start.output), set()
+        while todo:
+            t = todo.pop()
+            for m in nodes:
+                if t in m.input and m.name not in seen:
+                    if m.op_type == "Conv":
+                        return True
+                    seen.add(m.name)
+                    todo += list(m.output)
+        return False
+    return {n.name for n in nodes if n.op_type != "Conv" and not reaches_conv(n)}
+
+
+def test_features_head_is_what_no_conv_follows_in_every_branch(tiny):
+    """Two branches, listed so that branch a's final activation comes before branch b's last Conv (as
+    in CRBL's exported graph, where one backbone's top swish was quantised by a cut at the last Conv
+    of the node list): both final activations and the join stay fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a1"], name="conv_a"),
+             helper.make_node("Sigmoid", ["a1"], ["a2"], name="act_a"),
+             helper.make_node("Conv", ["x", "w"], ["b1"], name="conv_b1"),
+             helper.make_node("Conv", ["b1", "w"], ["b2"], name="conv_b2"),
+             helper.make_node("Sigmoid", ["b2"], ["b3"], name="act_b"),
+             helper.make_node("Add", ["a2", "b3"], ["y"], name="join")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 4, 4]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "two_branches", io[:1], io[1:], [w]))
+    assert set(excluded_after_last_conv(model)) == _no_conv_follows(model) == {"act_a", "act_b", "join"}
+    real = onnx.load_from_string(tiny[0])               # the miniature CRBL graph as exported
+    for i, n in enumerate(real.graph.node):
+        n.name = n.name or f"node_{i}_{n.op_type}"
+    head = set(excluded_after_last_conv(real))
+    assert head == _no_conv_follows(real) and sum(real.graph.node[i].op_type == "Sigmoid" for i in range(
+        len(real.graph.node)) if real.graph.node[i].name in head) == 3       # two branch SiLUs and the output
+
+
 def test_guard_refuses_the_naively_quantised_bilinear_head(tiny):
     """The whole graph in int8 (the bilinear head and sigmoid included), as the issue's first trial."""
     data, spec, calib, _ = tiny
@@ -137,6 +197,7 @@ def test_int8_file_keeps_the_head_fp32_and_its_metadata(tiny, tiny_int8):
     assert info["calibration_method"] == "Percentile" and "per channel" in info["weights"]
     assert g["passed"] and g["images"] == 32 and g["spearman"] >= 0.99 and abs(g["auc_delta"]) <= 0.01
     assert g["decisions"] >= 0.99
+    assert 0 < g["median_abs_diff"] <= g["max_abs_diff"] and 0 <= g["close_pairs"] <= 1
 
 
 def test_crbl_infer_runs_the_int8_file(tiny, tiny_int8, crbl_val, tmp_path, capsys):
