@@ -96,6 +96,18 @@ def layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return out.contiguous() if torch.is_grad_enabled() and out.requires_grad else out
 
 
+def depthwise_nhwc(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 depthwise conv (padding 1, no bias) of a (B, H, W, C) map, returned (B, H, W, C). On a
+    channels-last view oneDNN's kernel ran this 2.5x faster (forward and backward) than on NCHW."""
+    out = F.conv2d(t.permute(0, 3, 1, 2), weight, padding=1, groups=weight.shape[0])
+    return out.permute(0, 2, 3, 1)
+
+
+def pointwise_nhwc(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A bias-free 1x1 conv of a (B, H, W, C) map: one matrix product over the channels."""
+    return t @ weight.reshape(weight.shape[0], -1).t()
+
+
 class SpectroMDTA(nn.Module):
     """Channel attention as the original computes its output (see the module docstring)."""
 
@@ -131,6 +143,48 @@ class SpectroMDTA(nn.Module):
         vf = F.conv2d(vf, self.kv_conv.weight[c:], padding=1, groups=c)
         return self.project_outf((attn @ vf.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w))
 
+    def forward_nhwc(self, t: torch.Tensor) -> torch.Tensor:
+        """forward() on a (B, H, W, C) map, returned (B, H, W, C); the same arithmetic."""
+        b, h, w, c = t.shape
+        heads, d = self.num_heads, c // self.num_heads
+        qkv = depthwise_nhwc(pointwise_nhwc(t, self.qkv.weight), self.qkv_conv.weight).reshape(b, h * w, 3, heads, d)
+        q, k, v = qkv.unbind(2)                                       # (B, HW, heads, d) each
+        gram = q.permute(0, 2, 3, 1) @ k.permute(0, 2, 1, 3)          # (B, heads, d, d)
+        # norms over HW as sums of squares across rows of contiguous d-vectors: Tensor.norm here, or
+        # over the (d, HW) view, took 2-4x as long. sqrt(max(s, eps^2)) = max(|q|, eps), F.normalize's
+        # eps, with a finite gradient where s = 0.
+        norm_q = (q * q).sum(1).clamp_min(1e-24).sqrt()
+        norm_k = (k * k).sum(1).clamp_min(1e-24).sqrt()
+        v = v.transpose(1, 2)                                          # (B, heads, HW, d)
+        attn_t = torch.softmax(gram / (norm_q[..., :, None] * norm_k[..., None, :]) * self.temperature,
+                               dim=-1).transpose(-2, -1)
+        mixed = (v @ attn_t).transpose(1, 2).reshape(b, h, w, c)
+        fused = self.kv.weight[c:, :, 0, 0] @ self.project_out.weight[:, :, 0, 0]
+        vf = depthwise_nhwc(pointwise_nhwc(mixed, fused), self.kv_conv.weight[c:])
+        out = (vf.reshape(b, h * w, heads, d).transpose(1, 2) @ attn_t).transpose(1, 2).reshape(b, h, w, c)
+        return pointwise_nhwc(out, self.project_outf.weight)
+
+
+def gdfn_nhwc(ffn: GDFN, t: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """GDFN's forward on a (B, H, W, C) map, returned (B, H, W, C).
+
+    The hidden width (int(2.66 C): 42, 85, 170, 340) is padded with zero channels to a multiple of 8:
+    with rows of 170 floats the (HW, C) x (C, 2 * 85) product ran at half the speed of 176 (MKL,
+    misaligned rows). A zero channel stays exactly 0 through the depthwise conv and gelu(0) * 0, and
+    meets zero columns of project_out, so the output is the same to the bit; the padding gets no
+    gradient."""
+    hidden = ffn.project_out.weight.shape[1]
+    pad = -hidden % multiple
+    w_in, w_dw, w_out = ffn.project_in.weight, ffn.conv.weight, ffn.project_out.weight
+    if pad:
+        w_in = torch.cat([w_in[:hidden], w_in.new_zeros(pad, *w_in.shape[1:]),
+                          w_in[hidden:], w_in.new_zeros(pad, *w_in.shape[1:])])
+        w_dw = torch.cat([w_dw[:hidden], w_dw.new_zeros(pad, *w_dw.shape[1:]),
+                          w_dw[hidden:], w_dw.new_zeros(pad, *w_dw.shape[1:])])
+        w_out = F.pad(w_out, (0, 0, 0, 0, 0, pad))
+    x1, x2 = depthwise_nhwc(pointwise_nhwc(t, w_in), w_dw).chunk(2, dim=-1)
+    return pointwise_nhwc(F.gelu(x1) * x2, w_out)
+
 
 class SpectroBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, expansion_factor: float):
@@ -143,6 +197,14 @@ class SpectroBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(layer_norm_nchw(self.norm1, x))
         return x + self.ffn(layer_norm_nchw(self.norm2, x))
+
+    def forward_nhwc(self, t: torch.Tensor) -> torch.Tensor:
+        """forward() on a (B, H, W, C) map: LayerNorm over the last dim needs no transposes, 1x1 convs are
+        matrix products, depthwise convs run on channels-last views."""
+        t = t + self.attn.forward_nhwc(F.layer_norm(t, self.norm1.normalized_shape, self.norm1.weight,
+                                                    self.norm1.bias, self.norm1.eps))
+        return t + gdfn_nhwc(self.ffn, F.layer_norm(t, self.norm2.normalized_shape, self.norm2.weight,
+                                                    self.norm2.bias, self.norm2.eps))
 
 
 class SFCA(nn.Module):
@@ -232,6 +294,16 @@ def _stage(n: int, channels: int, heads: int, expansion: float) -> nn.Sequential
     return nn.Sequential(*[SpectroBlock(channels, heads, expansion) for _ in range(n)])
 
 
+def run_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The blocks of a stage on (B, C, H, W), in channels-last (B, H, W, C) memory in between."""
+    if _exporting():
+        return stage(x)
+    t = x.permute(0, 2, 3, 1).contiguous()
+    for block in stage:
+        t = block.forward_nhwc(t)
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
 # ---------------------------------------------------------------- the model
 class Spectroformer(nn.Module):
     """model(x) -> (B, 3, H, W); H and W divisible by 8. No global residual, no output activation."""
@@ -271,14 +343,14 @@ class Spectroformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> refined features (B, 32, H, W)."""
         self.check_size(x)
-        enc1 = self.encoders[0](self.embed_conv_rgb(x))
-        enc2 = self.encoders[1](self.down1(enc1))
-        enc3 = self.encoders[2](self.down2(enc2))
-        latent = self.encoders[3](self.down3(enc3))
-        dec3 = self.decoders[0](self.reduces1(torch.cat([self.ups_1(latent), self.attention[0](enc3)], 1)))
-        dec2 = self.decoders[1](self.reduces2(torch.cat([self.ups_2(dec3), self.attention[1](enc2)], 1)))
-        dec1 = self.decoders[2](torch.cat([self.ups_3(dec2), self.attention[2](enc1)], 1))
-        return self.refinement(dec1)
+        enc1 = run_stage(self.encoders[0], self.embed_conv_rgb(x))
+        enc2 = run_stage(self.encoders[1], self.down1(enc1))
+        enc3 = run_stage(self.encoders[2], self.down2(enc2))
+        latent = run_stage(self.encoders[3], self.down3(enc3))
+        dec3 = run_stage(self.decoders[0], self.reduces1(torch.cat([self.ups_1(latent), self.attention[0](enc3)], 1)))
+        dec2 = run_stage(self.decoders[1], self.reduces2(torch.cat([self.ups_2(dec3), self.attention[1](enc2)], 1)))
+        dec1 = run_stage(self.decoders[2], torch.cat([self.ups_3(dec2), self.attention[2](enc1)], 1))
+        return run_stage(self.refinement, dec1)
 
     def forward_head(self, features: torch.Tensor, head: str = "1x") -> torch.Tensor:
         if head != "1x":

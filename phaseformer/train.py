@@ -171,7 +171,8 @@ def main(argv=None):
         require_file(args.init, "--init checkpoint file")
     init = read_weights(args.init, args.model) if args.init is not None else None   # read and checked before any output
 
-    run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS)
+    run = setup_run(args, TASK, "phaseformer", outputs=RUN_OUTPUTS,
+                    reuse_memory=True)   # 2x the CPU step for ~27 % more peak memory (README: Memory reuse)
     main_rank = run.info.is_main
     if main_rank:
         atomic_write_text(run.out_dir / "split.txt", split_text)

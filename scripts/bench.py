@@ -647,53 +647,107 @@ def bench_phaseformer(args) -> list[dict]:
     return rows
 
 
-def bench_spectroformer(args) -> list[dict]:
-    """Spectroformer (final_model_AGSSF1) forward (batch 2) and training step (batch 1) at 256x256: ours vs our
-    transcription of the original's arithmetic (tests/phaseformer_ref/official_spectroformer.py),
-    same weights, interleaved; outputs compared with the float64 transcription; tiled 2048x2048
-    inference (peak memory, own process)."""
+def spectroformer_worker(argv) -> None:
+    """One side of `bench.py spectroformer` in its own process: the forward (batch 2) and the training
+    step (batch 1, as the official Train.py) of the transcription or of ours, same weights; prints one
+    JSON line with the best CPU and wall seconds of each and this process's peak RSS."""
+    from common.device import reuse_freed_memory
+
+    p = argparse.ArgumentParser()
+    p.add_argument("side", choices=("transcription", "ours"))
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--malloc", choices=("default", "reuse"), default="default")
+    a = p.parse_args(argv)
+    if a.malloc == "reuse":
+        reuse_freed_memory()
+    torch.set_num_threads(a.threads)
     sys.path.insert(0, str(REPO / "tests" / "phaseformer_ref"))
     import official_spectroformer as official
     from phaseformer.spectroformer import Spectroformer
 
-    size, bs = (64, 2) if args.quick else (256, 2)
+    model = official.trained_looking(official.mymodel(), seed=0)
+    if a.side == "ours":
+        ours = Spectroformer()
+        ours.load_state_dict(model.state_dict())
+        model = ours
+    x = torch.rand(2, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        with torch.no_grad():
+            model.eval()(x)
+
+    def train_step():
+        model.train().zero_grad(set_to_none=True)
+        model(x[:1]).square().mean().backward()
+
+    out = {}
+    for what, fn in (("forward", forward), ("train step", train_step)):
+        fn()                                          # warm-up
+        wall, cpu = [], []
+        for _ in range(a.repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - t0)
+        out[what] = {"s": min(wall), "cpu_s": min(cpu)}
+    status = Path("/proc/self/status").read_text()       # VmHWM: this process image's peak (Linux)
+    out["peak_rss_gb"] = int(status.split("VmHWM:")[1].split()[0]) / 2**20
+    print(json.dumps(out))
+
+
+def bench_spectroformer(args) -> list[dict]:
+    """Spectroformer (final_model_AGSSF1) forward (batch 2) and training step (batch 1) at 256x256: ours vs
+    our transcription of the original's arithmetic (tests/phaseformer_ref/official_spectroformer.py),
+    same weights. Each side in its own process, alternating, median of max(3, --rounds) rounds, under
+    glibc malloc's defaults and with common.device.reuse_freed_memory (as phaseformer/train.py and
+    infer.py run), the same setting on both sides. Outputs compared with the float64 transcription;
+    tiled 2048x2048 inference (peak memory, own process)."""
+    sys.path.insert(0, str(REPO / "tests" / "phaseformer_ref"))
+    import copy
+
+    import official_spectroformer as official
+    from phaseformer.spectroformer import Spectroformer
+
+    size = 64 if args.quick else 256
+    threads = torch.get_num_threads()
     reference = official.trained_looking(official.mymodel(), seed=0)
     ours = Spectroformer()
     ours.load_state_dict(reference.state_dict())
-    x = torch.rand(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
-    variants = {"spectroformer transcription": reference, "spectroformer ours": ours}
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        import copy
         truth = copy.deepcopy(reference).double().eval()(x.double())
-        diffs = {k: (m.eval()(x).double() - truth).abs().max().item() for k, m in variants.items()}
+        diffs = {"transcription": (reference.eval()(x).double() - truth).abs().max().item(),
+                 "ours": (ours.eval()(x).double() - truth).abs().max().item()}
+    del reference, ours, truth
+    worker = [sys.executable, str(REPO / "scripts" / "bench.py"), "_spectroformer_worker"]
     rows = []
-    # the training step at batch 1, as the official Train.py (the transcription's batch-2 step holds 6.4 GB)
-    inputs = {"forward": x, "train step": x[:1]}
-    for what in ("forward", "train step"):
-        def call(m, what=what, x=inputs[what]):
-            if what == "forward":
-                with torch.no_grad():
-                    m.eval()(x)
-            else:
-                m.train().zero_grad(set_to_none=True)
-                m(x).square().mean().backward()
-        best = {k: float("inf") for k in variants}
-        best_cpu = {k: float("inf") for k in variants}
-        for _ in range(args.repeats):  # interleaved: drift in machine load hits both alike
-            for k, m in variants.items():
-                c0 = time.process_time()
-                best[k] = min(best[k], timed(lambda: call(m), 1, warmup=0))
-                best_cpu[k] = min(best_cpu[k], time.process_time() - c0)
-        # CPU seconds of this process too: on a shared, oversubscribed machine the wall clock mostly
-        # measures the other jobs (with --threads 1 the CPU time is the work itself)
-        base, base_cpu = best["spectroformer transcription"], best_cpu["spectroformer transcription"]
-        for k in variants:
-            rows.append({"what": what, "model": k, "size": size, "batch": len(inputs[what]), "s": best[k],
-                         "cpu_s": best_cpu[k],
-                         "speedup_vs_official": base / best[k], "cpu_speedup_vs_official": base_cpu / best_cpu[k],
-                         "max_abs_diff_vs_float64_original": diffs[k]})
-            print(f"  {what} {k}: {best[k]:.3f} s, x{base / best[k]:.2f}; CPU {best_cpu[k]:.3f} s, "
-                  f"x{base_cpu / best_cpu[k]:.2f}; max |d| vs float64 original {diffs[k]:.1e}", flush=True)
+    for malloc in ("default", "reuse"):
+        runs = {}
+        for r in range(max(3, args.rounds)):   # each side its own process, alternating
+            for side in ("transcription", "ours"):
+                res = _run_json(worker + [side, "--size", str(size), "--threads", str(threads),
+                                          "--repeats", str(min(args.repeats, 3)), "--malloc", malloc])
+                runs.setdefault(side, []).append(res)
+                print(f"  malloc {malloc}, round {r + 1}, {side}: forward CPU {res['forward']['cpu_s']:.2f} s, "
+                      f"train step CPU {res['train step']['cpu_s']:.2f} s, peak RSS {res['peak_rss_gb']:.2f} GB",
+                      flush=True)
+        for what in ("forward", "train step"):
+            med = {side: {k: statistics.median(run[what][k] for run in runs[side]) for k in ("s", "cpu_s")}
+                   for side in runs}
+            base = med["transcription"]
+            for side in runs:
+                rows.append({"what": what, "model": f"spectroformer {side}", "malloc": malloc, "size": size,
+                             "batch": 2 if what == "forward" else 1, "s": med[side]["s"], "cpu_s": med[side]["cpu_s"],
+                             "speedup_vs_official": base["s"] / med[side]["s"],
+                             "cpu_speedup_vs_official": base["cpu_s"] / med[side]["cpu_s"],
+                             "rounds_cpu_s": " ".join(f"{run[what]['cpu_s']:.2f}" for run in runs[side]),
+                             "peak_rss_gb": statistics.median(run["peak_rss_gb"] for run in runs[side]),
+                             "max_abs_diff_vs_float64_original": diffs[side]})
+                print(f"  {what} {side} (malloc {malloc}): {med[side]['s']:.3f} s, x{base['s'] / med[side]['s']:.2f}; "
+                      f"CPU {med[side]['cpu_s']:.3f} s, x{base['cpu_s'] / med[side]['cpu_s']:.2f}; "
+                      f"max |d| vs float64 original {diffs[side]:.1e}", flush=True)
     big = 512 if args.quick else 2048
     row = _phaseformer_tiled_memory(big, 256 if args.quick else 512, "1x", "spectroformer")
     rows.append(row)
@@ -1489,12 +1543,14 @@ def main():
         return spectral_step_worker(sys.argv[2:])
     if sys.argv[1:2] == ["_ddp_step_worker"]:
         return ddp_step_worker(sys.argv[2:])
+    if sys.argv[1:2] == ["_spectroformer_worker"]:
+        return spectroformer_worker(sys.argv[2:])
     from common.cli import ArgumentParser, int_range, MAX_PROCS
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int_range(1, MAX_PROCS), default=None)
     p.add_argument("--repeats", type=int_range(1, 10_000), default=5)
-    p.add_argument("--rounds", type=int_range(1, 1000), default=3, help="crbl, spectral, ddp: alternating rounds of the processes of each side (>= 3)")
+    p.add_argument("--rounds", type=int_range(1, 1000), default=3, help="crbl, spectral, spectroformer, ddp: alternating rounds of the processes of each side (>= 3)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", help="gpu, onnx, int8 sections: only these models (comma-separated, e.g. crbl_crop,deeplabv3); "
                                     "crbl: only these sides (torch,torch_one_stream,onnxruntime,torch_bf16,onnxruntime_int8; Keras always)")

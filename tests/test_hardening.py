@@ -441,9 +441,11 @@ def test_reuse_freed_memory_reuses_large_blocks_instead_of_faulting_in_new_pages
     from crbl.infer import main as crbl_infer
     from spectral.infer import main as spectral_infer
     from spectral.train import main as spectral_train
+    from phaseformer.train import main as phaseformer_train
     for main, argv in ((crbl_infer, ["img.png", "--weights", "w.pt"]),
                        (spectral_infer, ["--weights", "w.pt", "--structs", "s.npy"]),
-                       (spectral_train, ["--out", str(tmp_path / "run"), "--epochs", "1"])):
+                       (spectral_train, ["--out", str(tmp_path / "run"), "--epochs", "1"]),
+                       (phaseformer_train, ["--out", str(tmp_path / "run"), "--epochs", "1"])):
         with pytest.raises(Called):
             main(argv)
     assert not (tmp_path / "run").exists()

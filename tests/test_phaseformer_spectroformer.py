@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from phaseformer.model import build_model, model_name
-from phaseformer.spectroformer import UNUSED_MODULES, Spectroformer, UpS
+from phaseformer.model import GDFN
+from phaseformer.spectroformer import UNUSED_MODULES, SpectroBlock, Spectroformer, UpS, gdfn_nhwc
 
 sys.path.insert(0, str(Path(__file__).parent / "phaseformer_ref"))
 import official_spectroformer as official  # noqa: E402  (our transcription of final_model_AGSSF1.py)
@@ -286,3 +287,39 @@ def test_ups_is_discontinuous_where_a_bin_crosses_the_negative_real_axis():
     (x1, r1), (x2, r2) = outs
     assert (x1 - x2).abs().max() < 1e-10
     assert (r1 - r2).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("channels", [16, 32])
+def test_channels_last_block_path_matches_the_plain_modules(channels):
+    """The forward's (B, H, W, C) path: GDFN with its hidden width (42, 85) zero-padded to a multiple
+    of 8 against the plain GDFN module (1x1 and depthwise convs on NCHW), and a whole block against its
+    NCHW forward; outputs and every parameter's gradient in float64. The padding must neither change
+    the output nor take or leak gradient."""
+    torch.manual_seed(channels)
+    ffn = GDFN(channels, 2.66).double()
+    assert ffn.project_out.weight.shape[1] % 8 != 0           # the padded case
+    x = torch.randn(2, channels, 6, 10, dtype=torch.float64)
+    weight = torch.randn_like(x)
+    (ffn(x) * weight).sum().backward()
+    expected = {n: p.grad.clone() for n, p in ffn.named_parameters()}
+    ffn.zero_grad()
+    out = gdfn_nhwc(ffn, x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    (out * weight).sum().backward()
+    assert (out - ffn(x)).abs().max() < 1e-12
+    for n, p in ffn.named_parameters():
+        assert p.grad.shape == p.shape and (p.grad - expected[n]).abs().max() < 1e-12, n
+
+    block = official.trained_looking(SpectroBlock(channels, 2, 2.66), seed=1).double()
+    xb = x.clone().requires_grad_()
+    (block(xb) * weight).sum().backward()
+    expected = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    grad_x = xb.grad.clone()
+    block.zero_grad(set_to_none=True)
+    xb.grad = None
+    out = block.forward_nhwc(xb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    (out * weight).sum().backward()
+    assert (out - block(x)).abs().max() < 1e-12 and (xb.grad - grad_x).abs().max() < 1e-12
+    got = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for n in got:
+        assert (got[n] - expected[n]).abs().max() < 1e-12, n
