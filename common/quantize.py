@@ -22,7 +22,6 @@ metadata (`precision`, `quantization`, `int8_guard`), which infer.py prints.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path

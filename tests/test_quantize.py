@@ -23,7 +23,7 @@ from helpers import cli_error
 from common.data import ensure_builtin
 from common.io import UserError
 from common.onnx import ExportSpec, export, read_metadata, session
-from common.quantize import (CalibrationSet, MIN_IMAGES, close_pairs, excluded_after_last_conv, guard, precision_note,
+from common.quantize import (MIN_IMAGES, close_pairs, excluded_after_last_conv, guard, precision_note,
                              quantize_with_guard, spearman, split_indices)
 from crbl.data import BUILTIN_VERSION, make_builtin_dataset
 from crbl.deploy import CRBLProbability, calibration_set, metadata
