@@ -209,6 +209,16 @@ class GDFN(nn.Module):
         return self.project_out(F.gelu(x1) * x2)
 
 
+def check_image_batch(x: torch.Tensor, model: str) -> None:
+    """ValueError unless x is a (B, 3, H, W) batch with H and W divisible by DOWNSAMPLE_FACTOR."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{model} takes (B, 3, H, W) RGB batches; got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % DOWNSAMPLE_FACTOR or w % DOWNSAMPLE_FACTOR or h == 0 or w == 0:
+        raise ValueError(f"{model} needs a height and width divisible by {DOWNSAMPLE_FACTOR} "
+                         f"(three 2x down-samplings); got {h}x{w}")
+
+
 def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """nn.LayerNorm(C) over the channels of a (B, C, H, W) map, without the official transposes."""
     return F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
@@ -287,18 +297,9 @@ class Phaseformer(nn.Module):
         self.ups2 = UpSample(c1)                                                  # unused (official)
         self.outputl = nn.Conv2d(c2, 8, kernel_size=3, padding=1, bias=False)    # 1x head
 
-    @staticmethod
-    def check_size(x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"Phaseformer takes (B, 3, H, W) RGB batches; got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % DOWNSAMPLE_FACTOR or w % DOWNSAMPLE_FACTOR or h == 0 or w == 0:
-            raise ValueError(f"Phaseformer needs a height and width divisible by {DOWNSAMPLE_FACTOR} "
-                             f"(three 2x down-samplings); got {h}x{w}")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> refined features (B, 32, H, W)."""
-        self.check_size(x)
+        check_image_batch(x, "Phaseformer")
         enc1 = self.encoders[0](self.embed_conv_rgb(x))
         enc2 = self.encoders[1](self.downs[0](enc1))
         enc3 = self.encoders[2](self.downs[1](enc2))

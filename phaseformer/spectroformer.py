@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phaseformer.model import (DOWNSAMPLE_FACTOR, ECA, GDFN, DownSample, UpSample, _exporting,
-                               _fp32_or_wider, channel_layer_norm)
+from phaseformer.model import (ECA, GDFN, DownSample, UpSample, _exporting, _fp32_or_wider, channel_layer_norm,
+                               check_image_batch)
 
 # modules the forward never uses for its output (kept: official files hold their parameters)
 UNUSED_MODULES = ("ups_4", "ups1", "ups2", "output1", "attention.3")
@@ -91,15 +91,6 @@ def fourier_upsample_core(x: torch.Tensor, amp_fuse: nn.Module, pha_fuse: nn.Mod
 
 
 # ---------------------------------------------------------------- building blocks
-def layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """nn.LayerNorm(C) over the channels; while autograd records, in NCHW memory order. The permuted
-    view (channels-last strides) makes the backward of the following convolutions, GELUs and q/k
-    norms copy or run on mixed layouts: one copy here saved 3-15% of the 256x256 training step's
-    CPU time. Without gradients the copy cost more than it saved (~8% of the forward)."""
-    out = channel_layer_norm(norm, x)
-    return out.contiguous() if torch.is_grad_enabled() and out.requires_grad else out
-
-
 def depthwise_nhwc(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 depthwise conv (padding 1, no bias) of a (B, H, W, C) map, returned (B, H, W, C). On a
     channels-last view oneDNN's kernel ran this 2.5x faster (forward and backward) than on NCHW."""
@@ -131,6 +122,7 @@ class SpectroMDTA(nn.Module):
         self.project_outf = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On (B, C, H, W), with the modules' own kernels: the ONNX export's form (run_stage)."""
         b, c, h, w = x.shape
         heads = self.num_heads
         q, k, v = self.qkv_conv(self.qkv(x)).reshape(b, 3, heads, c // heads, h * w).unbind(1)
@@ -139,16 +131,13 @@ class SpectroMDTA(nn.Module):
         norm_k = k.norm(dim=-1).clamp_min(1e-12)
         attn = torch.softmax(gram / (norm_q[..., :, None] * norm_k[..., None, :]) * self.temperature, dim=-1)
         mixed = (attn @ v).reshape(b, c, h, w)
-        if _exporting():   # the exporter needs conv kernels of known shape: the two convs in turn
-            vf = F.conv2d(self.project_out(mixed), self.kv.weight[c:])
-        else:              # project_out, then kv's vf half: two bias-free 1x1 convs as one
-            fused = self.kv.weight[c:, :, 0, 0] @ self.project_out.weight[:, :, 0, 0]
-            vf = F.conv2d(mixed, fused[:, :, None, None])
+        vf = F.conv2d(self.project_out(mixed), self.kv.weight[c:])    # only kv's vf half
         vf = F.conv2d(vf, self.kv_conv.weight[c:], padding=1, groups=c)
         return self.project_outf((attn @ vf.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w))
 
     def forward_nhwc(self, t: torch.Tensor) -> torch.Tensor:
-        """forward() on a (B, H, W, C) map, returned (B, H, W, C); the same arithmetic."""
+        """forward() on a (B, H, W, C) map, returned (B, H, W, C), with project_out and kv's vf half as one
+        matrix (two bias-free 1x1 convs)."""
         b, h, w, c = t.shape
         heads, d = self.num_heads, c // self.num_heads
         qkv = depthwise_nhwc(pointwise_nhwc(t, self.qkv.weight), self.qkv_conv.weight).reshape(b, h * w, 3, heads, d)
@@ -180,10 +169,10 @@ def gdfn_nhwc(ffn: GDFN, t: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     pad = -hidden % multiple
     w_in, w_dw, w_out = ffn.project_in.weight, ffn.conv.weight, ffn.project_out.weight
     if pad:
-        w_in = torch.cat([w_in[:hidden], w_in.new_zeros(pad, *w_in.shape[1:]),
-                          w_in[hidden:], w_in.new_zeros(pad, *w_in.shape[1:])])
-        w_dw = torch.cat([w_dw[:hidden], w_dw.new_zeros(pad, *w_dw.shape[1:]),
-                          w_dw[hidden:], w_dw.new_zeros(pad, *w_dw.shape[1:])])
+        def pad_halves(w):          # (2 * hidden, ...) -> (2 * (hidden + pad), ...): zeros after each half
+            zeros = w.new_zeros(pad, *w.shape[1:])
+            return torch.cat([w[:hidden], zeros, w[hidden:], zeros])
+        w_in, w_dw = pad_halves(w_in), pad_halves(w_dw)
         w_out = F.pad(w_out, (0, 0, 0, 0, 0, pad))
     x1, x2 = depthwise_nhwc(pointwise_nhwc(t, w_in), w_dw).chunk(2, dim=-1)
     return pointwise_nhwc(F.gelu(x1) * x2, w_out)
@@ -198,8 +187,8 @@ class SpectroBlock(nn.Module):
         self.ffn = GDFN(channels, expansion_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(layer_norm_nchw(self.norm1, x))
-        return x + self.ffn(layer_norm_nchw(self.norm2, x))
+        x = x + self.attn(channel_layer_norm(self.norm1, x))
+        return x + self.ffn(channel_layer_norm(self.norm2, x))
 
     def forward_nhwc(self, t: torch.Tensor) -> torch.Tensor:
         """forward() on a (B, H, W, C) map: LayerNorm over the last dim needs no transposes, 1x1 convs are
@@ -334,18 +323,9 @@ class Spectroformer(nn.Module):
         self.ups2 = UpSample(c1)                                                  # unused (official)
         self.outputl = nn.Conv2d(c2, 8, kernel_size=3, padding=1, bias=False)
 
-    @staticmethod
-    def check_size(x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"Spectroformer takes (B, 3, H, W) RGB batches; got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % DOWNSAMPLE_FACTOR or w % DOWNSAMPLE_FACTOR or h == 0 or w == 0:
-            raise ValueError(f"Spectroformer needs a height and width divisible by {DOWNSAMPLE_FACTOR} "
-                             f"(three 2x down-samplings); got {h}x{w}")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> refined features (B, 32, H, W)."""
-        self.check_size(x)
+        check_image_batch(x, "Spectroformer")
         enc1 = run_stage(self.encoders[0], self.embed_conv_rgb(x))
         enc2 = run_stage(self.encoders[1], self.down1(enc1))
         enc3 = run_stage(self.encoders[2], self.down2(enc2))
